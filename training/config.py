@@ -1,0 +1,417 @@
+"""Typed training configuration: YAML recipes plus dotted command-line overrides, checked before training.
+
+A recipe is a YAML file whose sections mirror the dataclasses below. Any key can be overridden on the
+command line as `--section.key value` (or `--section.key=value`); values are parsed as YAML, so `64`,
+`1e-3`, `true` and `null` mean what they look like. Unknown keys, wrong types and values outside their
+allowed set stop the run with a `ConfigError` that names the key and lists what is allowed.
+"""
+
+import dataclasses
+import importlib
+import inspect
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+ARCHITECTURES = ("unet", "dit", "mmdit")
+OBJECTIVES = ("ddpm", "flow_matching")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+LOSSES = ("mse", "l1")
+SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "none")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be trained; the message names the key and what is allowed."""
+
+
+def choice(default, choices, doc=""):
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def bounded(default, minimum=None, maximum=None, doc=""):
+    return field(default=default, metadata={"min": minimum, "max": maximum, "doc": doc})
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The denoiser: an architecture, one of its size presets, and config keys overriding the preset."""
+
+    architecture: str = choice("unet", ARCHITECTURES)
+    preset: str = "small"
+    # Any constructor argument of the architecture's model class (checked against its signature).
+    overrides: dict = field(default_factory=dict)
+    # Folder of a trained `AutoencoderKL` (from `training/train_vae.py`): train in its latent space.
+    vae: Optional[str] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
+
+    name: str = choice("ddpm", OBJECTIVES)
+    # DDPM family: the noise schedule and the prediction target.
+    prediction_type: str = choice("epsilon", PREDICTION_TYPES)
+    num_train_timesteps: int = bounded(1000, 1)
+    beta_schedule: str = choice("linear", BETA_SCHEDULES)
+    beta_start: float = bounded(0.0001, 0.0, 1.0)
+    beta_end: float = bounded(0.02, 0.0, 1.0)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it.
+    snr_gamma: Optional[float] = bounded(None, 0.0)
+    # Flow matching: how sigma in (0, 1) is drawn (SD3's choices).
+    timestep_sampling: str = choice("uniform", TIMESTEP_SAMPLINGS)
+    logit_mean: float = 0.0
+    logit_std: float = bounded(1.0, 0.0)
+    mode_scale: float = 1.29
+    loss: str = choice("mse", LOSSES)
+    # Classifier-free guidance training: probability of replacing a label by the null label.
+    label_dropout: float = bounded(0.1, 0.0, 1.0)
+
+
+@dataclass
+class DataConfig:
+    """The training images: the shipped MNIST, a Hub dataset id, or a local image folder (one subfolder per class)."""
+
+    dataset: str = "mnist"
+    train_split: str = "train"
+    # Split for the EMA validation loss; null holds out the last `num_validation_samples` training images.
+    validation_split: Optional[str] = "test"
+    num_validation_samples: int = bounded(256, 0)
+    # Column names; null finds them (image/img, label/labels).
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    channels: int = choice(1, (1, 3))
+    # Resize (shorter side) and centre-crop to this size; null keeps the images' size.
+    resolution: Optional[int] = bounded(None, 1)
+    # Zero-pad to this size after resizing (MNIST 28 -> 32 for models that halve the size three times).
+    pad_to: Optional[int] = bounded(None, 1)
+    random_flip: bool = False
+    # Use only the first N training images (tests, quick experiments); null uses them all.
+    max_train_samples: Optional[int] = bounded(None, 1)
+    num_workers: int = bounded(0, 0)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, a warmup + decay learning-rate schedule from `diffusers.optimization`, gradient clipping."""
+
+    learning_rate: float = bounded(1e-3, 0.0)
+    adam_beta1: float = bounded(0.9, 0.0, 1.0)
+    adam_beta2: float = bounded(0.999, 0.0, 1.0)
+    adam_epsilon: float = bounded(1e-8, 0.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    lr_scheduler: str = choice("cosine", LR_SCHEDULERS)
+    lr_warmup_steps: int = bounded(0, 0)
+    # Clip the global gradient norm to this value; null disables clipping.
+    max_grad_norm: Optional[float] = bounded(1.0, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """Batch, length and hardware switches of the run."""
+
+    # Per process; the global batch is batch_size * num_processes * gradient_accumulation_steps.
+    batch_size: int = bounded(128, 1)
+    gradient_accumulation_steps: int = bounded(1, 1)
+    num_epochs: int = bounded(10, 1)
+    # Stop after this many optimizer steps even if epochs remain; null trains all epochs.
+    max_steps: Optional[int] = bounded(None, 1)
+    seed: int = 0
+    # auto: no on CPU; bf16 on GPUs that support it, else fp16.
+    mixed_precision: str = choice("auto", MIXED_PRECISIONS)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    allow_tf32: bool = True
+    log_every_steps: int = bounded(50, 1)
+    report_to: str = choice("tensorboard", TRACKERS)
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (`diffusers.training_utils.EMAModel`)."""
+
+    enabled: bool = True
+    decay: float = bounded(0.9999, 0.0, 1.0)
+    # Warm-up decay 1 - (1 + step / inv_gamma) ** -power: short runs need it to leave the initial weights.
+    use_warmup: bool = True
+    inv_gamma: float = bounded(1.0, 0.0)
+    power: float = bounded(0.75, 0.0)
+    update_after_step: int = bounded(0, 0)
+
+
+@dataclass
+class EvalConfig:
+    """Sample grids, denoising GIFs, validation loss and (optional) quality metrics, every few epochs."""
+
+    every_epochs: int = bounded(1, 1)
+    # auto: DDIM for the DDPM family, Euler for flow matching.
+    sampler: str = choice("auto", SAMPLERS)
+    num_inference_steps: int = bounded(50, 1)
+    guidance_scale: float = bounded(2.0, 0.0)
+    images_per_class: int = bounded(8, 1)
+    seed: int = 0
+    gif: bool = True
+    # Samples per class for FID / GAN-test accuracy (`training/evaluation.py`); 0 skips the metrics.
+    fid_n: int = bounded(0, 0)
+    batch_size: int = bounded(256, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state (`accelerator.save_state`, EMA included), written atomically."""
+
+    # Save every N optimizer steps; 0 saves none.
+    every_steps: int = bounded(500, 0)
+    # Keep only the newest N checkpoints; null keeps all.
+    checkpoints_total_limit: Optional[int] = bounded(3, 1)
+    # "latest" (the newest complete checkpoint in output_dir, if any) or a checkpoint folder.
+    resume_from_checkpoint: Optional[str] = None
+
+
+@dataclass
+class HubConfig:
+    """Publishing `best/` to the Hugging Face Hub at the end of training."""
+
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    private: bool = False
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    output_dir: str = "outputs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a config from nested dicts, with checks
+# --------------------------------------------------------------------------------------------------
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) is Union:
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    return "null" if annotation is type(None) else annotation.__name__
+
+
+def _coerce(key: str, value: Any, annotation, metadata) -> Any:
+    """Check `value` against the field's type and limits; return it (ints accepted where floats are)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} expects type {_type_name(annotation)}, got null.")
+    base = next(option for option in options if option is not type(None))
+    if base is float and isinstance(value, str):
+        # PyYAML reads `1e-3` (no dot) as a string; a float field accepts any number spelled as text.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        dict: isinstance(value, dict),
+        list: isinstance(value, list),
+    }[base]
+    if not ok:
+        raise ConfigError(f"{key} expects type {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
+    if base is float:
+        value = float(value)
+    if "choices" in metadata and value not in metadata["choices"]:
+        raise ConfigError(f"{key} must be one of {list(metadata['choices'])}, got {value!r}.")
+    if metadata.get("min") is not None and value < metadata["min"]:
+        raise ConfigError(f"{key} must be >= {metadata['min']}, got {value!r}.")
+    if metadata.get("max") is not None and value > metadata["max"]:
+        raise ConfigError(f"{key} must be <= {metadata['max']}, got {value!r}.")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys and ill-typed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping of keys, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the config"
+        raise ConfigError(f"Unknown key(s) {[prefix + k for k in unknown]} in {where}; allowed keys: {sorted(fields)}.")
+    values = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = from_dict(annotation, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(prefix + name, value, annotation, fields[name].metadata)
+    return cls(**values)
+
+
+def to_dict(config) -> dict:
+    """Plain nested dict of a config (the form saved beside the outputs)."""
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(data: dict, dotted_key: str, value) -> None:
+    *sections, last = dotted_key.split(".")
+    node = data
+    for section in sections:
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--{dotted_key}: '{section}' is a value, not a section.")
+        node = child
+    node[last] = value
+
+
+def parse_overrides(argv: list[str]) -> tuple[Optional[str], dict]:
+    """Split `--config path` from `--section.key value` pairs; values are parsed as YAML."""
+    config_path, overrides = None, {}
+    i = 0
+    while i < len(argv):
+        argument = argv[i]
+        if not argument.startswith("--") or len(argument) == 2:
+            raise ConfigError(f"Expected '--key value' arguments, got {argument!r}.")
+        if "=" in argument:
+            key, raw = argument[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"Missing value after {argument!r}.")
+            key, raw = argument[2:], argv[i + 1]
+            i += 2
+        if key == "config":
+            config_path = raw
+        else:
+            _set_dotted(overrides, key, yaml.safe_load(raw))
+    return config_path, overrides
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: Union[str, os.PathLike]) -> dict:
+    """The nested dict of a YAML recipe; a missing file names the recipes that exist."""
+    path = Path(path)
+    if not path.is_file():
+        available = sorted(str(p.relative_to(RECIPES_DIR.parent)) for p in RECIPES_DIR.glob("*.yaml"))
+        raise ConfigError(f"Recipe file '{path}' not found; available recipes: {available}.")
+    with open(path) as file:
+        data = yaml.safe_load(file) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Recipe '{path}' must hold a mapping of sections, got {type(data).__name__}.")
+    return data
+
+
+def load_config(argv: list[str], cls=Config):
+    """`[--config recipe.yaml] [--section.key value ...]` -> a checked config of dataclass `cls`."""
+    config_path, overrides = parse_overrides(list(argv))
+    data = load_recipe(config_path) if config_path is not None else {}
+    config = from_dict(cls, _merge(data, overrides))
+    if cls is Config:
+        check_config(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks across keys (those a single field cannot see)
+# --------------------------------------------------------------------------------------------------
+MODEL_CLASSES = {
+    "unet": ("custom_models.unet", "ScratchUNetModel"),
+    "dit": ("custom_models.dit_gqa", "ScratchDiTModel"),
+    "mmdit": ("custom_models.mmdit", "ScratchMMDiTModel"),
+}
+# Set by the loop from the data and the VAE, never by a recipe.
+DATA_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "num_classes")
+
+
+def model_class(architecture: str):
+    """The model class of an architecture name (imported on first use: configs load without torch)."""
+    module_name, class_name = MODEL_CLASSES[architecture]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def check_config(config: Config) -> None:
+    """Refuse combinations that would fail (or silently mislead) only after training started."""
+    model_cls = model_class(config.model.architecture)
+    presets = importlib.import_module(model_cls.__module__).PRESETS
+    if config.model.preset not in presets:
+        raise ConfigError(
+            f"model.preset {config.model.preset!r} is not a {config.model.architecture} preset; available: {sorted(presets)}."
+        )
+    allowed = [name for name in inspect.signature(model_cls.__init__).parameters if name != "self"]
+    for key in config.model.overrides:
+        if key in DATA_DERIVED_MODEL_KEYS:
+            raise ConfigError(f"model.overrides.{key} is set from the data (and VAE); remove it from the recipe.")
+        if key not in allowed:
+            raise ConfigError(
+                f"Unknown key model.overrides.{key} for {model_cls.__name__}; allowed keys: "
+                f"{sorted(set(allowed) - set(DATA_DERIVED_MODEL_KEYS))}."
+            )
+    objective, sampler = config.objective.name, config.eval.sampler
+    if objective == "flow_matching" and sampler not in ("auto", "flow_match_euler"):
+        raise ConfigError(f"eval.sampler {sampler!r} cannot sample a flow-matching model; use 'auto' or 'flow_match_euler'.")
+    if objective == "ddpm" and sampler == "flow_match_euler":
+        raise ConfigError("eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'.")
+    if objective == "flow_matching" and config.objective.snr_gamma is not None:
+        raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
+    if config.objective.beta_start >= config.objective.beta_end:
+        raise ConfigError(
+            f"objective.beta_start ({config.objective.beta_start}) must be below objective.beta_end ({config.objective.beta_end})."
+        )
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ConfigError("hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'.")
+    if config.checkpoint.resume_from_checkpoint not in (None, "latest") and not Path(
+        config.checkpoint.resume_from_checkpoint
+    ).is_dir():
+        raise ConfigError(
+            f"checkpoint.resume_from_checkpoint {config.checkpoint.resume_from_checkpoint!r} is neither 'latest' nor a "
+            "checkpoint folder."
+        )
+    if config.model.vae is not None and not Path(config.model.vae).is_dir():
+        raise ConfigError(
+            f"model.vae folder {config.model.vae!r} does not exist; train it first with "
+            f"`python -m training.train_vae --output_dir {config.model.vae}`."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+def save_config(config, path: Union[str, os.PathLike]) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
+        yaml.safe_dump(to_dict(config), file, sort_keys=False)
+    os.replace(file.name, path)
