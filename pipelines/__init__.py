@@ -1,0 +1,53 @@
+"""Class-conditional diffusion pipelines, registered on `diffusers` when this package is imported.
+
+After `import pipelines`, plain `DiffusionPipeline.from_pretrained(folder_or_repo_id)` returns our pipeline
+class with its components: diffusers resolves a saved pipeline's `_class_name` as an attribute of the
+`diffusers` module, and a component's recorded module (e.g. `custom_models.unet`) as an attribute of
+`diffusers.pipelines` (needed for Hub repo ids) or from `sys.modules`. No `trust_remote_code`, no
+`custom_pipeline`.
+"""
+
+import sys
+import types
+
+import diffusers
+import diffusers.pipelines
+from diffusers import ModelMixin, SchedulerMixin
+
+import custom_models
+import custom_schedulers
+
+from .class_conditional import (
+    ClassConditionalPipeline,
+    ClassConditionalPipelineOutput,
+    ClassConditionalTransformerPipeline,
+    ClassConditionalUNetPipeline,
+)
+from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
+from .model_card import build_model_card
+
+
+def _identity(value) -> str:
+    return value.__name__ if isinstance(value, types.ModuleType) else f"{value.__module__}.{value.__qualname__}"
+
+
+def _register(namespace, name: str, value) -> None:
+    """Set `namespace.name = value`, refusing to shadow anything diffusers itself defines under that name."""
+    current = getattr(namespace, name, None)
+    # The same object, or the same definition re-imported (e.g. `importlib.reload`), is not shadowing.
+    if current is not None and _identity(current) != _identity(value):
+        raise ImportError(f"`{namespace.__name__}.{name}` already exists ({current!r}); refusing to shadow it with {value!r}.")
+    setattr(namespace, name, value)
+
+
+def register_with_diffusers() -> None:
+    """Expose the pipeline classes on `diffusers` and the component modules on `diffusers.pipelines`."""
+    for pipeline_class in (ClassConditionalUNetPipeline, ClassConditionalTransformerPipeline):
+        _register(diffusers, pipeline_class.__name__, pipeline_class)
+    for package in (custom_models, custom_schedulers):
+        for value in vars(package).values():
+            if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin)):
+                _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
+
+
+register_with_diffusers()

@@ -1,0 +1,380 @@
+"""Class-conditional image generation with classifier-free guidance, for every denoiser in `custom_models`.
+
+One sampling loop serves both pipelines: `ClassConditionalUNetPipeline` (component `unet`) and
+`ClassConditionalTransformerPipeline` (component `transformer`), following diffusers' naming. Any scheduler
+with the diffusers contract works (ours or diffusers' DDPM / DDIM / FlowMatchEulerDiscrete), and an optional
+`AutoencoderKL` turns the pipeline into latent diffusion.
+"""
+
+import inspect
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, make_image_grid
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import HfApi, ModelCard
+
+from custom_models.dit_gqa import ScratchDiTModel
+from custom_models.mmdit import ScratchMMDiTModel
+from custom_models.unet import ScratchUNetModel
+
+from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
+from .model_card import SAMPLE_GRID_FILENAME, build_model_card
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+@dataclass
+class ClassConditionalPipelineOutput(BaseOutput):
+    """Generated images and, when asked for, the images after every denoising step.
+
+    `images` is a list of PIL images, a `[N, H, W, C]` float array in [0, 1], a `[N, C, H, W]` tensor in
+    [0, 1], or the final latents, following `output_type`. `trajectory[k]` holds the same batch after `k`
+    denoising steps (`trajectory[0]` is the starting noise), in the same format.
+    """
+
+    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
+    trajectory: Optional[list] = None
+
+
+class ClassConditionalPipeline(DiffusionPipeline):
+    """Shared sampler of the class-conditional pipelines; subclasses only name the denoiser component."""
+
+    denoiser_name: str
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def _setup(self, denoiser, scheduler, vae, id2label):
+        self.register_modules(**{self.denoiser_name: denoiser}, scheduler=scheduler, vae=vae)
+        self.image_processor = VaeImageProcessor(do_normalize=True)
+        num_classes = denoiser.config.num_classes
+        if id2label:
+            if not num_classes:
+                raise ValueError("`id2label` was given but the denoiser is unconditional (`num_classes` is None).")
+            # JSON object keys are strings: store them that way so the config survives a save/load round trip.
+            id2label = {str(int(key)): str(value) for key, value in id2label.items()}
+            bad_ids = sorted(int(key) for key in id2label if not 0 <= int(key) < num_classes)
+            if bad_ids:
+                raise ValueError(f"`id2label` has ids {bad_ids} outside the denoiser's classes 0..{num_classes - 1}.")
+        self.register_to_config(id2label=id2label or None)
+        # Label name -> id, with comma-separated synonyms, the same mapping as diffusers' `DiTPipeline.labels`.
+        self.labels = {}
+        for key, value in (id2label or {}).items():
+            for name in value.split(","):
+                self.labels[name.strip()] = int(key)
+        self.labels = dict(sorted(self.labels.items()))
+
+    @property
+    def denoiser(self):
+        """The denoising network, whatever the component is called in this pipeline."""
+        return getattr(self, self.denoiser_name)
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    def get_label_ids(self, label: Union[str, list[str]]) -> list[int]:
+        """Map label names (from `id2label`) to class ids."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in names if name not in self.labels]
+        if unknown:
+            known = list(self.labels) or "none: this pipeline has no `id2label`, pass class ids"
+            raise ValueError(f"Unknown label name(s) {unknown}; known names: {known}.")
+        return [self.labels[name] for name in names]
+
+    # ----------------------------------------------------------------------------------------------
+    # Input checks
+    # ----------------------------------------------------------------------------------------------
+    def _resolve_class_labels(self, class_labels, num_images_per_label, device):
+        """Turn ids, names or a tensor into a `[batch]` long tensor, each label repeated `num_images_per_label` times."""
+        if not isinstance(num_images_per_label, int) or num_images_per_label < 1:
+            raise ValueError(f"`num_images_per_label` must be a positive integer, got {num_images_per_label!r}.")
+        num_classes = self.denoiser.config.num_classes
+        if not num_classes:
+            if class_labels is not None:
+                raise ValueError("This pipeline's denoiser is unconditional (`num_classes` is None): leave `class_labels` as None.")
+            return None
+        if class_labels is None:
+            ids = list(range(num_classes))
+        else:
+            if torch.is_tensor(class_labels):
+                class_labels = class_labels.reshape(-1).tolist()
+            elif isinstance(class_labels, (int, str)):
+                class_labels = [class_labels]
+            if len(class_labels) == 0:
+                raise ValueError("`class_labels` is empty.")
+            ids = []
+            for label in class_labels:
+                if isinstance(label, str):
+                    ids.extend(self.get_label_ids(label))
+                elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+                    ids.append(int(label))
+                else:
+                    raise ValueError(f"Class labels must be ints or label names, got {label!r} ({type(label).__name__}).")
+        bad = sorted({i for i in ids if not 0 <= i < num_classes})
+        if bad:
+            raise ValueError(f"Class label(s) {bad} out of range: this model has classes 0..{num_classes - 1}.")
+        return torch.tensor(ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_label)
+
+    def _check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be >= 0 (1.0 = no guidance), got {guidance_scale}.")
+        if not self.denoiser.config.num_classes and guidance_scale != 1.0:
+            raise ValueError(
+                f"Classifier-free guidance needs a class-conditional denoiser; this one is unconditional, so "
+                f"`guidance_scale` must be 1.0 (got {guidance_scale})."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type` {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown_inputs} not available; choose from {self._callback_tensor_inputs}."
+            )
+
+    def _latent_shape(self, batch_size):
+        config = self.denoiser.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, height, width)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------------
+    def _guide(self, model_output, num_channels, guidance_scale, do_guidance):
+        """Combine the conditional and null-label halves; keep a learned variance only if the scheduler uses it."""
+        if model_output.shape[1] not in (num_channels, 2 * num_channels):
+            raise ValueError(
+                f"The denoiser returned {model_output.shape[1]} channels for {num_channels}-channel samples; "
+                f"expected {num_channels}, or {2 * num_channels} with a learned variance."
+            )
+        prediction, variance = model_output[:, :num_channels], model_output[:, num_channels:]
+        if do_guidance:
+            conditional, unconditional = prediction.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+            # The variance is not guided: take the conditional pass's (as in DiT).
+            variance = variance.chunk(2)[0]
+        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        if variance.shape[1] and variance_type in LEARNED_VARIANCE_TYPES:
+            return torch.cat([prediction, variance], dim=1)
+        return prediction
+
+    def _decode(self, latents, output_type):
+        """Latents -> images in `output_type`; through the VAE when there is one."""
+        if output_type == "latent":
+            return latents
+        images = latents
+        if self.vae is not None:
+            latents = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None) is not None:
+                latents = latents + self.vae.config.shift_factor
+            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Optional[Union[int, str, list[Union[int, str]], torch.Tensor]] = None,
+        num_images_per_label: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+    ):
+        """Generate images of the given classes.
+
+        Args:
+            class_labels: class ids, label names from `id2label` (e.g. `"7"`), or a mix; `None` means every
+                class once (for a class-conditional denoiser) or is required (for an unconditional one).
+            num_images_per_label: images per label, consecutive in the output (for an unconditional denoiser:
+                the number of images).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight `w` in `uncond + w * (cond - uncond)`; 1.0 disables
+                guidance (a single conditional pass), otherwise the conditional and null-label passes run as one
+                batch.
+            generator: torch generator(s) for the starting noise and stochastic scheduler steps.
+            latents: starting noise of shape `[batch, in_channels, sample_size, sample_size]`.
+            output_type: "pil", "np" (`[N, H, W, C]` in [0, 1]), "pt" (`[N, C, H, W]` in [0, 1]) or "latent".
+            return_dict: return a `ClassConditionalPipelineOutput` instead of a tuple.
+            return_trajectory: also return the decoded batch after every step (for GIFs).
+            callback_on_step_end: `callback(pipeline, step, timestep, callback_kwargs) -> dict` called after each
+                step with the tensors named in `callback_on_step_end_tensor_inputs`; returned tensors replace them.
+
+        Returns:
+            `ClassConditionalPipelineOutput`, or `(images,)` / `(images, trajectory)` when `return_dict=False`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self._check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        device = self._execution_device
+        denoiser = self.denoiser
+
+        labels = self._resolve_class_labels(class_labels, num_images_per_label, device)
+        batch_size = num_images_per_label if labels is None else labels.shape[0]
+        shape = self._latent_shape(batch_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}; this call needs {shape}.")
+        else:
+            latents = latents.to(device=device, dtype=denoiser.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+        do_guidance = labels is not None and guidance_scale != 1.0
+        model_labels = labels
+        if do_guidance:
+            null_labels = torch.full_like(labels, denoiser.config.num_classes)
+            model_labels = torch.cat([labels, null_labels])
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        trajectory = [self._decode(latents, output_type)] if return_trajectory else None
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                model_output = denoiser(
+                    model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
+                )[0]
+                model_output = self._guide(model_output, latents.shape[1], guidance_scale, do_guidance)
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                if return_trajectory:
+                    trajectory.append(self._decode(latents, output_type))
+                progress_bar.update()
+
+        images = self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        output = ClassConditionalPipelineOutput(images=images, trajectory=trajectory)
+        return output if return_dict else output.to_tuple()
+
+    # ----------------------------------------------------------------------------------------------
+    # Hub
+    # ----------------------------------------------------------------------------------------------
+    def sample_grid(self, num_images_per_label: int = 4, num_inference_steps: int = 25, guidance_scale: float = 1.0, seed: int = 0):
+        """One row per class (or one row for an unconditional denoiser), as a single PIL image."""
+        images = self(
+            num_images_per_label=num_images_per_label,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale if self.denoiser.config.num_classes else 1.0,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images
+        return make_image_grid(images, rows=len(images) // num_images_per_label, cols=num_images_per_label)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
+        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` also pushes through `push_to_hub` (with a model card)."""
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
+        super().save_pretrained(save_directory, **kwargs)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, safe_serialization=kwargs.get("safe_serialization", True), **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        model_card: Optional[ModelCard] = None,
+        sample_grid: Optional[Union[PIL.Image.Image, str, os.PathLike]] = None,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+    ) -> str:
+        """Upload the pipeline with a model card and a sample grid; returns the commit URL.
+
+        `model_card` defaults to `build_model_card` filled from this pipeline's components; `sample_grid` (an
+        image or a path) defaults to a freshly sampled grid. The token is only sent to the Hub, never written.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if model_card is None:
+            model_card = build_model_card(repo_id, pipeline=self)
+        if sample_grid is None:
+            sample_grid = self.sample_grid()
+        elif not isinstance(sample_grid, PIL.Image.Image):
+            sample_grid = PIL.Image.open(sample_grid)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization)
+            sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
+            model_card.save(os.path.join(folder, "README.md"))
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {self.__class__.__name__}",
+                create_pr=create_pr,
+            )
+        return commit.commit_url
+
+
+class ClassConditionalUNetPipeline(UNetLoraLoaderMixin, ClassConditionalPipeline):
+    """Class-conditional sampling with a `ScratchUNetModel` denoiser (component `unet`)."""
+
+    denoiser_name = "unet"
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(
+        self,
+        unet: ScratchUNetModel,
+        scheduler: SchedulerMixin,
+        vae: Optional[AutoencoderKL] = None,
+        id2label: Optional[dict[str, str]] = None,
+    ):
+        super().__init__()
+        self._setup(unet, scheduler, vae, id2label)
+
+
+class ClassConditionalTransformerPipeline(TransformerLoraLoaderMixin, ClassConditionalPipeline):
+    """Class-conditional sampling with a `ScratchDiTModel` or `ScratchMMDiTModel` denoiser (component `transformer`)."""
+
+    denoiser_name = "transformer"
+    model_cpu_offload_seq = "transformer->vae"
+
+    def __init__(
+        self,
+        transformer: Union[ScratchDiTModel, ScratchMMDiTModel],
+        scheduler: SchedulerMixin,
+        vae: Optional[AutoencoderKL] = None,
+        id2label: Optional[dict[str, str]] = None,
+    ):
+        super().__init__()
+        self._setup(transformer, scheduler, vae, id2label)

@@ -1,0 +1,209 @@
+"""Pipeline-level LoRA for the class-conditional pipelines, in diffusers' file format.
+
+Files are `pytorch_lora_weights.safetensors` with keys prefixed by the component name (`unet.` or
+`transformer.`) and the peft `LoraConfig` in the safetensors header, so `lora_alpha` survives a round trip
+(without it, diffusers rebuilds `lora_alpha = r`). `set_adapters`, `disable_lora`, `enable_lora`,
+`unload_lora_weights`, `delete_adapters` and `get_list_adapters` come from `LoraBaseMixin`.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
+from diffusers.utils import logging
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+
+logger = logging.get_logger(__name__)
+
+LoraSource = Union[str, os.PathLike, dict[str, torch.Tensor]]
+
+
+def read_lora_file(source: LoraSource, weight_name: Optional[str] = None, **hub_kwargs) -> tuple[dict, Optional[dict]]:
+    """Read a LoRA state dict and its adapter metadata from a file, a folder, a Hub repo id or a dict."""
+    if isinstance(source, dict):
+        return dict(source), None
+    path = Path(source)
+    if path.is_file():
+        file = path
+    elif path.is_dir():
+        file = path / (weight_name or LORA_WEIGHT_NAME_SAFE)
+        if not file.is_file():
+            raise ValueError(f"No LoRA file {file.name!r} in {str(path)!r}; pass `weight_name` to pick another file.")
+    else:
+        file = hf_hub_download(str(source), weight_name or LORA_WEIGHT_NAME_SAFE, **hub_kwargs)
+    with safe_open(str(file), framework="pt") as handle:
+        header = handle.metadata() or {}
+    metadata = json.loads(header[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in header else None
+    return load_file(str(file)), metadata
+
+
+class DenoiserLoraLoaderMixin(LoraBaseMixin):
+    """LoRA loading, saving and fusing for a pipeline whose only LoRA-loadable component is its denoiser."""
+
+    _lora_loadable_modules: list[str]
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: LoraSource, return_lora_metadata: bool = False, **kwargs):
+        """The LoRA state dict (and, with `return_lora_metadata`, its adapter metadata) of a file, folder or repo."""
+        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
+        state_dict, metadata = read_lora_file(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None), **hub_kwargs)
+        if kwargs:
+            raise ValueError(f"Unexpected arguments {sorted(kwargs)} for `lora_state_dict`.")
+        return (state_dict, metadata) if return_lora_metadata else state_dict
+
+    def _check_lora_keys(self, state_dict: dict) -> None:
+        """Refuse a file unless every key is a LoRA weight of an existing module of this pipeline's denoiser."""
+        name = self._lora_loadable_modules[0]
+        keys = sorted(state_dict)
+        sample = keys[:5]
+        if not keys:
+            raise ValueError("The LoRA state dict is empty.")
+        foreign = [k for k in keys if not k.startswith(f"{name}.")]
+        if foreign:
+            raise ValueError(
+                f"This pipeline can load LoRA weights only into `{name}` (keys prefixed '{name}.'), but "
+                f"{len(foreign)} of {len(keys)} keys are not, e.g. {foreign[:5]}."
+            )
+        non_lora = [k for k in keys if ".lora_" not in k]
+        if non_lora:
+            raise ValueError(f"Not a LoRA file: keys without a LoRA part ('.lora_A', '.lora_B', ...), e.g. {non_lora[:5]}.")
+        module_names = {name for name, _ in getattr(self, name).named_modules()}
+        missing = sorted({k[len(name) + 1 :].split(".lora_")[0] for k in keys} - module_names)
+        if missing:
+            raise ValueError(
+                f"LoRA keys match no module of `{name}` ({getattr(self, name).__class__.__name__}): "
+                f"modules {missing[:5]} do not exist; first keys of the file: {sample}."
+            )
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: LoraSource,
+        adapter_name: Optional[str] = None,
+        hotswap: bool = False,
+        **kwargs,
+    ):
+        """Load a LoRA file (diffusers format) into the denoiser as adapter `adapter_name`."""
+        name = self._lora_loadable_modules[0]
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs)
+        self._check_lora_keys(state_dict)
+        if metadata is None:
+            logger.warning(f"The LoRA file carries no LoraConfig metadata: `lora_alpha` of `{name}` is taken equal to the rank.")
+        getattr(self, name).load_lora_adapter(
+            state_dict,
+            prefix=name,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+        )
+
+    @classmethod
+    def _save_denoiser_lora(cls, save_directory, layers, metadata, is_main_process, weight_name, save_function, safe_serialization):
+        name = cls._lora_loadable_modules[0]
+        if not layers:
+            raise ValueError(f"Pass `{name}_lora_layers` (the LoRA state dict of `{name}`).")
+        if metadata is None:
+            raise ValueError(
+                f"Pass `{name}_lora_adapter_metadata` (e.g. `pipe.{name}.peft_config['default'].to_dict()`): without "
+                "it a reload takes lora_alpha = r and the adapter comes back at the wrong strength."
+            )
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers={name: layers},
+            lora_metadata={name: metadata},
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+        )
+
+    def save_denoiser_lora(self, save_directory: Union[str, os.PathLike], adapter_name: str = "default", weight_name: Optional[str] = None):
+        """Save one adapter of the denoiser, with its LoraConfig, in the pipeline LoRA format."""
+        from peft.utils import get_peft_model_state_dict
+
+        name = self._lora_loadable_modules[0]
+        denoiser = getattr(self, name)
+        adapters = list(getattr(denoiser, "peft_config", {}))
+        if adapter_name not in adapters:
+            raise ValueError(f"`{name}` has no adapter {adapter_name!r}; it has {adapters}.")
+        self._save_denoiser_lora(
+            save_directory,
+            get_peft_model_state_dict(denoiser, adapter_name=adapter_name),
+            denoiser.peft_config[adapter_name].to_dict(),
+            is_main_process=True,
+            weight_name=weight_name,
+            save_function=None,
+            safe_serialization=True,
+        )
+
+    def fuse_lora(self, components: Optional[list[str]] = None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[list[str]] = None, **kwargs):
+        """Merge the active (or named) adapters into the denoiser's weights."""
+        super().fuse_lora(
+            components=components or self._lora_loadable_modules,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
+
+    def unfuse_lora(self, components: Optional[list[str]] = None, **kwargs):
+        """Undo `fuse_lora`."""
+        super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
+
+
+class UNetLoraLoaderMixin(DenoiserLoraLoaderMixin):
+    """LoRA for `ClassConditionalUNetPipeline` (keys prefixed `unet.`)."""
+
+    _lora_loadable_modules = ["unet"]
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: Union[str, os.PathLike],
+        unet_lora_layers: Optional[dict[str, torch.Tensor]] = None,
+        is_main_process: bool = True,
+        weight_name: Optional[str] = None,
+        save_function: Optional[Callable] = None,
+        safe_serialization: bool = True,
+        unet_lora_adapter_metadata: Optional[dict] = None,
+    ):
+        """Write `unet_lora_layers` and their LoraConfig as `pytorch_lora_weights.safetensors`."""
+        cls._save_denoiser_lora(
+            save_directory, unet_lora_layers, unet_lora_adapter_metadata, is_main_process, weight_name, save_function, safe_serialization
+        )
+
+
+class TransformerLoraLoaderMixin(DenoiserLoraLoaderMixin):
+    """LoRA for `ClassConditionalTransformerPipeline` (keys prefixed `transformer.`)."""
+
+    _lora_loadable_modules = ["transformer"]
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: Union[str, os.PathLike],
+        transformer_lora_layers: Optional[dict[str, torch.Tensor]] = None,
+        is_main_process: bool = True,
+        weight_name: Optional[str] = None,
+        save_function: Optional[Callable] = None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: Optional[dict] = None,
+    ):
+        """Write `transformer_lora_layers` and their LoraConfig as `pytorch_lora_weights.safetensors`."""
+        cls._save_denoiser_lora(
+            save_directory,
+            transformer_lora_layers,
+            transformer_lora_adapter_metadata,
+            is_main_process,
+            weight_name,
+            save_function,
+            safe_serialization,
+        )
