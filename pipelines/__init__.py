@@ -27,6 +27,18 @@ from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import build_model_card
 
 
+__all__ = [
+    "ClassConditionalPipeline",
+    "ClassConditionalPipelineOutput",
+    "ClassConditionalTransformerPipeline",
+    "ClassConditionalUNetPipeline",
+    "TransformerLoraLoaderMixin",
+    "UNetLoraLoaderMixin",
+    "build_model_card",
+    "register_with_diffusers",
+]
+
+
 def _identity(value) -> str:
     return value.__name__ if isinstance(value, types.ModuleType) else f"{value.__module__}.{value.__qualname__}"
 

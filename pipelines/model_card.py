@@ -8,7 +8,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 SAMPLE_GRID_FILENAME = "samples.png"
 # The Hub has no class-conditional image generation task; this is the closest one it knows.
 PIPELINE_TAG = "unconditional-image-generation"
-ARCHITECTURE_NAMES = {"unet": "UNet", "dit": "DiT with grouped-query attention", "mmdit": "MMDiT"}
+ARCHITECTURE_NAMES = {"unet": "UNet", "dit": "DiT (grouped-query attention)", "mmdit": "MMDiT"}
 OBJECTIVE_TAGS = {
     "epsilon": "epsilon-prediction",
     "v_prediction": "v-prediction",
@@ -116,11 +116,11 @@ def build_model_card(
     )
 
     kind = "class-conditional" if num_classes else "unconditional"
-    summary = f"A {kind} {ARCHITECTURE_NAMES.get(architecture, architecture)} diffusion model"
+    summary = f"A {kind} diffusion model with a {ARCHITECTURE_NAMES.get(architecture, architecture)} denoiser"
     if pipeline is not None:
         num_parameters = sum(p.numel() for p in pipeline.denoiser.parameters())
         summary += f" ({num_parameters / 1e6:.2f}M parameters)"
-    summary += f" trained with the {objective.replace('_', ' ')} objective"
+    summary += f", trained with the {OBJECTIVE_TAGS[objective].replace('-', ' ')} objective"
     if dataset:
         summary += f" on [{dataset}](https://huggingface.co/datasets/{dataset})"
     summary += ", written from scratch as diffusers components."
