@@ -98,8 +98,9 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the sub-sequence of `num_inference_steps` timesteps, spaced per `config.timestep_spacing`."""
+        config = self.config
         timesteps = inference_timesteps(
-            self.config.num_train_timesteps, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
+            config.num_train_timesteps, num_inference_steps, config.timestep_spacing, config.steps_offset
         )
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
@@ -153,8 +154,8 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
         alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         signal, noise_level = alpha_bar**0.5, (1 - alpha_bar) ** 0.5  # x_t = signal * x_0 + noise_level * eps
 
-        # x_0 and eps predicted from the model output: eq. 9 of Song et al. for epsilon, Salimans & Ho 2022
-        # eq. 9 for v (x = alpha z - sigma v, eps = alpha v + sigma z), the forward process inverted for x_0.
+        # x_0 and eps from the model output: eq. 9 of Song et al. for epsilon; for v, Salimans & Ho 2022, Sec. 4
+        # (x = alpha z - sigma v, eps = alpha v + sigma z); for x_0, the forward process inverted for eps.
         if self.config.prediction_type == "epsilon":
             pred_original_sample = (sample - noise_level * model_output) / signal
             pred_epsilon = model_output
@@ -201,7 +202,7 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
         return signal * original_samples + noise_level * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target, Salimans & Ho 2022 eq. 9: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        """The v-prediction target, Salimans & Ho 2022, Sec. 4: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
         signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, sample)
         return signal * noise - noise_level * sample
 

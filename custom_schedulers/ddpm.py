@@ -37,7 +37,12 @@ class ScratchDDPMSchedulerOutput(BaseOutput):
 
 
 class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
-    """DDPM ancestral sampler; config names and trajectories match diffusers' `DDPMScheduler`."""
+    """DDPM ancestral sampler; config names match diffusers' `DDPMScheduler`.
+
+    One deliberate difference: no noise is added on the step that lands on x_0 (Ho et al., Algorithm 2), where
+    diffusers adds it whenever that last timestep is > 0 (trailing or linspace spacing, or a `steps_offset`);
+    it shows with `fixed_large` and `learned_range`. Everywhere else the trajectories are identical.
+    """
 
     _compatibles = [scheduler.name for scheduler in KarrasDiffusionSchedulers]
     order = 1
@@ -63,8 +68,9 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
     ):
         if variance_type == "learned":
             raise ValueError(
-                "variance_type 'learned' is not supported: the papers give no meaning to a raw network output used "
-                f"as a variance. Use 'learned_range' (Nichol & Dhariwal 2021, eq. 15) or one of {VARIANCE_TYPES}."
+                "variance_type 'learned' (extra channels read as the variance itself, which a network can make "
+                "negative) is not supported; use 'learned_range' (Nichol & Dhariwal 2021, eq. 15), the "
+                f"parameterisation of learn_sigma models, or another of {VARIANCE_TYPES}."
             )
         check_choice("variance_type", variance_type, VARIANCE_TYPES)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -98,8 +104,9 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the `num_inference_steps` timesteps to sample with, spaced per `config.timestep_spacing`."""
+        config = self.config
         timesteps = inference_timesteps(
-            self.config.num_train_timesteps, num_inference_steps, self.config.timestep_spacing, self.config.steps_offset
+            config.num_train_timesteps, num_inference_steps, config.timestep_spacing, config.steps_offset
         )
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
@@ -160,7 +167,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         beta = 1 - alpha
         one_minus_alpha_bar, one_minus_alpha_bar_prev = 1 - alpha_bar, 1 - alpha_bar_prev
 
-        # Predicted x_0: Ho et al. eq. 15 for epsilon, Salimans & Ho eq. 9 (x = alpha z - sigma v) for v.
+        # Predicted x_0: Ho et al. eq. 15 for epsilon, Salimans & Ho 2022, Sec. 4 (x = alpha z - sigma v) for v.
         if self.config.prediction_type == "epsilon":
             pred_original_sample = (sample - one_minus_alpha_bar**0.5 * model_output) / alpha_bar**0.5
         elif self.config.prediction_type == "v_prediction":
@@ -194,7 +201,9 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
                 fraction = (variance_interpolation + 1) / 2
                 log_variance = fraction * beta.log() + (1 - fraction) * posterior_variance.clamp(min=1e-20).log()
                 std = (0.5 * log_variance).exp()
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
             prev_sample = prev_sample + std * noise
 
         if not return_dict:
@@ -207,7 +216,7 @@ class ScratchDDPMScheduler(SchedulerMixin, ConfigMixin):
         return signal * original_samples + noise_level * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target, Salimans & Ho 2022 eq. 9: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        """The v-prediction target, Salimans & Ho 2022, Sec. 4: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
         signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, sample)
         return signal * noise - noise_level * sample
 

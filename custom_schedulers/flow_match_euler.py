@@ -60,7 +60,8 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
                 "num_train_timesteps, shift and stochastic_sampling (use diffusers' FlowMatchEulerDiscreteScheduler "
                 "for the others)."
             )
-        if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 1:
+        is_int = isinstance(num_train_timesteps, int) and not isinstance(num_train_timesteps, bool)
+        if not is_int or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}.")
         if not shift > 0:
             raise ValueError(f"shift must be > 0, got {shift!r}.")
@@ -78,7 +79,7 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
 
     def _shift(self, sigmas):
-        """Esser et al. 2024, eq. 23: sigma -> shift * sigma / (1 + (shift - 1) * sigma); shift > 1 adds noise."""
+        """Esser et al. 2024, Sec. 5.3.2: sigma -> shift * sigma / (1 + (shift - 1) * sigma); shift > 1 adds noise."""
         shift = self.config.shift
         return shift * sigmas / (1 + (shift - 1) * sigmas)
 
@@ -101,10 +102,11 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
                 or num_inference_steps < 1
             ):
                 raise ValueError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}.")
-            # Even in timestep from T down to the smallest training noise level (as diffusers does).
+            # Evenly spaced from sigma = 1 down to the smallest noise level of the (already shifted) training grid,
+            # which the shift below moves once more: diffusers' grid, kept so that trajectories match.
             num_train_timesteps = self.config.num_train_timesteps
-            grid = np.linspace(self.sigma_max * num_train_timesteps, self.sigma_min * num_train_timesteps, num_inference_steps)
-            sigmas = grid / num_train_timesteps
+            first, last = self.sigma_max * num_train_timesteps, self.sigma_min * num_train_timesteps
+            sigmas = np.linspace(first, last, num_inference_steps) / num_train_timesteps
         else:
             sigmas = np.asarray(sigmas, dtype=np.float64).flatten()
             if num_inference_steps is not None and num_inference_steps != len(sigmas):
@@ -129,6 +131,8 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
                 f"timestep {timestep!r} is an integer; pass a float timestep from `scheduler.timesteps` "
                 "(sigma * num_train_timesteps), not a loop index."
             )
+        if torch.is_tensor(timestep) and timestep.numel() != 1:
+            raise ValueError(f"step takes one timestep for the whole batch, got shape {tuple(timestep.shape)}.")
         value = float(timestep)
         start = self._step_index or 0
         for index in range(start, len(self._schedule)):
@@ -184,7 +188,7 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         return sigma.reshape((-1,) + (1,) * (like.ndim - 1))
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor) -> torch.Tensor:
-        """Forward process (Liu et al. 2022, eq. 1): x_sigma = (1 - sigma) x_0 + sigma eps, with `sample` = x_0."""
+        """Forward process (Liu et al. 2022, Sec. 2): x_sigma = (1 - sigma) x_0 + sigma eps, with `sample` = x_0."""
         sigma = self._sigma(timestep, sample)
         return sigma * noise + (1 - sigma) * sample
 

@@ -19,6 +19,7 @@ SPACINGS = ["leading", "trailing", "linspace"]
 FEW_STEPS = [1, 10, 50]
 ETAS = [0.0, 0.5, 1.0]
 SHIFTS = [0.5, 1.0, 3.0]
+DISCRETE_PAIRS = [(ScratchDDPMScheduler, DDPMScheduler), (ScratchDDIMScheduler, DDIMScheduler)]
 
 
 def beta_config(beta_schedule):
@@ -30,7 +31,7 @@ def beta_config(beta_schedule):
 
 def fake_model(sample, timestep, num_train_timesteps=1000, learned_variance=False):
     """A deterministic stand-in for a denoiser, nonlinear in the sample and dependent on the timestep."""
-    output = 0.1 * sample * float(timestep) / num_train_timesteps + torch.sin(sample)
+    output = torch.sin(sample).add_(sample, alpha=0.1 * float(timestep) / num_train_timesteps)
     if learned_variance:
         output = torch.cat([output, torch.tanh(2 * sample)], dim=1)
     return output
@@ -89,7 +90,7 @@ def full_chain_timesteps(scheduler_class, **config):
     return chains[0]
 
 
-# ----------------------------------------------------------------------------------------------------------- DDPM
+# --- DDPM
 
 
 def ddpm_reference_step(scheduler, model_output, timestep, sample, generator=None):
@@ -188,7 +189,7 @@ def test_ddpm_and_ddim_add_noise_and_get_velocity_match_diffusers():
     for beta_schedule in BETA_SCHEDULES:
         for rescale in (False, True):
             config = dict(beta_config(beta_schedule), rescale_betas_zero_snr=rescale)
-            for ours_class, theirs_class in ((ScratchDDPMScheduler, DDPMScheduler), (ScratchDDIMScheduler, DDIMScheduler)):
+            for ours_class, theirs_class in DISCRETE_PAIRS:
                 ours, theirs = ours_class(**config), theirs_class(**config)
                 assert torch.allclose(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-6, atol=1e-9)
                 for batch_timesteps in (timesteps, torch.tensor([500, 1]), torch.randint(0, 1000, (2,))):
@@ -210,12 +211,12 @@ def test_ddpm_add_noise_is_the_forward_process():
     assert torch.allclose(scheduler.add_noise(sample, noise, timesteps), expected, atol=1e-5)
     velocity = scheduler.get_velocity(sample, noise, timesteps)
     assert torch.allclose(velocity, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * sample, atol=1e-5)
-    # The three parameterisations describe the same x_0 (Salimans & Ho 2022, eq. 9).
+    # The three parameterisations describe the same x_0 (Salimans & Ho 2022, Sec. 4).
     noisy = scheduler.add_noise(sample, noise, timesteps)
     assert torch.allclose(alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * velocity, sample, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------- DDIM
+# --- DDIM
 
 
 def ddim_reference_step(scheduler, model_output, timestep, sample, **step_kwargs):
@@ -282,7 +283,11 @@ DDIM_OPTIONS = [
 @pytest.mark.parametrize("options, step_kwargs", DDIM_OPTIONS, ids=str)
 def test_ddim_options_match_diffusers(options, step_kwargs, num_inference_steps):
     difference = run_side_by_side(
-        ScratchDDIMScheduler(**options), DDIMScheduler(**options), num_inference_steps, ddim_reference_step, **step_kwargs
+        ScratchDDIMScheduler(**options),
+        DDIMScheduler(**options),
+        num_inference_steps,
+        ddim_reference_step,
+        **step_kwargs,
     )
     assert difference <= TOLERANCE
 
@@ -343,7 +348,7 @@ def test_ddim_eta_one_is_ddpm_posterior_sampling():
         sample = ddim_sample
 
 
-# ----------------------------------------------------------------------------------------------------------- Flow
+# --- Flow
 
 
 @pytest.mark.parametrize("stochastic_sampling", [False, True])
@@ -401,7 +406,8 @@ def test_flow_scale_noise_takes_any_float_timestep():
     assert torch.equal(scheduler.scale_noise(sample, torch.tensor(1000.0), noise), noise)
     # The velocity target is the derivative of the path: d x_sigma / d sigma = eps - x_0.
     step = 1e-2
-    finite_difference = (scheduler.scale_noise(sample, 500.0 + 1000 * step, noise) - scheduler.scale_noise(sample, 500.0, noise)) / step
+    ahead = scheduler.scale_noise(sample, 500.0 + 1000 * step, noise)
+    finite_difference = (ahead - scheduler.scale_noise(sample, 500.0, noise)) / step
     assert torch.allclose(finite_difference, scheduler.get_velocity(sample, noise, timesteps), atol=1e-3)
 
 
@@ -426,7 +432,7 @@ def test_flow_step_integrates_in_float32_and_returns_model_dtype():
     assert output.pred_original_sample.dtype == torch.bfloat16
 
 
-# ----------------------------------------------------------------------------------------------------------- Config round trips
+# --- Config round trips
 
 
 ROUND_TRIP_CASES = [
@@ -487,7 +493,7 @@ def test_full_diffusers_configs_load_into_ours():
         assert isinstance(loaded, ours_class)
 
 
-# ----------------------------------------------------------------------------------------------------------- Errors
+# --- Errors
 
 DISCRETE = [ScratchDDPMScheduler, ScratchDDIMScheduler]
 ALL = DISCRETE + [ScratchFlowMatchEulerScheduler]
@@ -585,6 +591,8 @@ def test_flow_timestep_not_in_schedule():
         scheduler.step(sample, 500.0, sample)
     with pytest.raises(ValueError, match="integer"):
         scheduler.step(sample, 1000, sample)
+    with pytest.raises(ValueError, match="one timestep"):
+        scheduler.step(sample, scheduler.timesteps[:2], sample)
     for timestep in scheduler.timesteps:
         scheduler.step(sample, timestep, sample)
     with pytest.raises(ValueError, match="schedule is finished"):
