@@ -159,6 +159,7 @@ class ScratchUNetModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.downsample_factor = 2 ** (num_levels - 1)
         embedding_dim = time_embedding_dim or 4 * block_out_channels[0]
 
+        # As in DDPM, the sinusoidal features are as wide as the first level; the MLP widens them 4x.
         self.time_embedding = TimestepEmbedding(embedding_dim, frequency_dim=block_out_channels[0])
         self.class_embedding = None
         self.class_tokens_dim = None
