@@ -81,14 +81,17 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     @property
     def guidance_scale(self):
+        """The guidance scale of the running (or last) call, for step callbacks."""
         return self._guidance_scale
 
     @property
     def num_timesteps(self):
+        """The number of denoising steps of the running (or last) call."""
         return self._num_timesteps
 
     @property
     def interrupt(self):
+        """Set `pipe._interrupt = True` from a step callback to skip the remaining steps."""
         return self._interrupt
 
     def get_label_ids(self, label: Union[str, list[str]]) -> list[int]:
@@ -210,7 +213,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         Args:
             class_labels: class ids, label names from `id2label` (e.g. `"7"`), or a mix; `None` means every
-                class once (for a class-conditional denoiser) or is required (for an unconditional one).
+                class once. Must be `None` for an unconditional denoiser.
             num_images_per_label: images per label, consecutive in the output (for an unconditional denoiser:
                 the number of images).
             num_inference_steps: denoising steps.
@@ -301,13 +304,21 @@ class ClassConditionalPipeline(DiffusionPipeline):
         ).images
         return make_image_grid(images, rows=len(images) // num_images_per_label, cols=num_images_per_label)
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
-        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` also pushes through `push_to_hub` (with a model card)."""
+    def save_pretrained(
+        self,
+        save_directory: Union[str, os.PathLike],
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card)."""
         hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
-        super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.push_to_hub(repo_id, safe_serialization=kwargs.get("safe_serialization", True), **hub_kwargs)
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, **hub_kwargs)
 
     def push_to_hub(
         self,

@@ -53,10 +53,8 @@ exec(compile(snippet, "README.md", "exec"), {"__name__": "__main__"})
 """
 
 
-@pytest.fixture(scope="module")
-def pushed(tmp_path_factory):
+def push_and_load(tmp_path):
     """Push two repos (an explicit card with metrics; the default card) and load one back, in a child process."""
-    tmp_path = tmp_path_factory.mktemp("hub")
     pipe = tiny_pipeline("dit", "ScratchFlowMatchEulerScheduler")
     expected = run(pipe)
     pipe.save_pretrained(tmp_path / "local")
@@ -74,23 +72,23 @@ def pushed(tmp_path_factory):
             [sys.executable, "-c", PUSH_AND_LOAD_SCRIPT, str(tmp_path), TOKEN, json.dumps(CALL), json.dumps(METRICS)],
             check=True, cwd=tmp_path, env=env, timeout=240,
         )
-    return tmp_path, hub, expected
+    return hub, expected
 
 
-def test_pushed_pipeline_loads_back_with_identical_images(pushed):
-    work, hub, expected = pushed
+# One test, one push: the child process (imports, push, load) is the expensive part.
+def test_push_to_hub_then_from_pretrained_repo_id(tmp_path):
+    hub, expected = push_and_load(tmp_path)
     assert hub.unrouted == [], hub.unrouted
-    assert json.loads((work / "loaded.json").read_text()) == ["ClassConditionalTransformerPipeline", "ScratchDiTModel", "ScratchFlowMatchEulerScheduler"]
-    assert torch.equal(load_file(work / "from_hub.safetensors")["images"], expected)
+
+    # Loaded back from "user/tiny-dit": the right classes and the same images for the same seed.
+    assert json.loads((tmp_path / "loaded.json").read_text()) == ["ClassConditionalTransformerPipeline", "ScratchDiTModel", "ScratchFlowMatchEulerScheduler"]
+    assert torch.equal(load_file(tmp_path / "from_hub.safetensors")["images"], expected)
     files = hub.repos["user/tiny-dit"].resolve("main")[1]
     assert {"model_index.json", "README.md", "samples.png", "transformer/diffusion_pytorch_model.safetensors"} <= set(files)
-    # The card's snippet ran as written, against the repo.
-    assert PIL.Image.open(work / "sample.png").size == (8, 8)
+    # The card's usage snippet ran as written, against the repo.
+    assert PIL.Image.open(tmp_path / "sample.png").size == (8, 8)
 
-
-def test_model_card_fields(pushed):
-    _, hub, _ = pushed
-    files = hub.repos["user/tiny-dit"].resolve("main")[1]
+    # The model card.
     card = ModelCard(files["README.md"].decode())
     assert card.data.license == "cc-by-sa-3.0" and card.data.library_name == "diffusers"
     assert card.data.pipeline_tag == "unconditional-image-generation" and card.data.datasets == ["ylecun/mnist"]
@@ -100,20 +98,18 @@ def test_model_card_fields(pushed):
     assert 'DiffusionPipeline.from_pretrained("user/tiny-dit")' in card.text and "import pipelines" in card.text
     assert PIL.Image.open(io.BytesIO(files["samples.png"])).size == (16, 8)
 
+    # save_pretrained(push_to_hub=True): the default card and a sampled grid, one row per class (4 per row).
     default = hub.repos["user/tiny-dit-default-card"].resolve("main")[1]
     default_card = ModelCard(default["README.md"].decode())
     assert default_card.data.license == "apache-2.0" and "flow-matching" in default_card.data.tags
-    # The default grid is sampled: one row per class (10 rows of 8-pixel images, 4 per row).
     assert PIL.Image.open(io.BytesIO(default["samples.png"])).size == (4 * 8, 10 * 8)
 
-
-def test_token_is_sent_but_never_written(pushed):
-    work, hub, _ = pushed
+    # The token reached the Hub but no file: not in the repos, the local folders or HF_HOME.
     assert f"Bearer {TOKEN}" in hub.authorizations
     for repo in hub.repos.values():
         for snapshot in repo.snapshots.values():
             assert not any(TOKEN.encode() in data for data in snapshot.values())
-    for path in work.rglob("*"):
+    for path in tmp_path.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
 
