@@ -53,7 +53,10 @@ def check_class_labels(class_labels: Optional[torch.Tensor], num_classes: Option
     if class_labels.shape[0] != batch_size:
         raise ValueError(f"Got {class_labels.shape[0]} class labels for a batch of {batch_size} samples.")
     bad = (class_labels < 0) | (class_labels > num_classes)
-    if bool(bad.any()):
+    if torch.compiler.is_compiling():
+        # A compiled graph cannot branch on tensor values without a graph break: assert inside it instead.
+        torch._assert_async(~bad.any(), f"Class labels out of range: allowed are 0..{num_classes} ({num_classes} = null label).")
+    elif bool(bad.any()):
         raise ValueError(
             f"Class label(s) {sorted(set(class_labels[bad].tolist()))} out of range: allowed are 0..{num_classes - 1}, "
             f"and {num_classes} for the null label."
