@@ -22,8 +22,9 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -385,8 +386,52 @@ def save_pipeline_folder(pipeline, destination: Path, *, config: Config, grid, m
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-def train(config: Config) -> Path:
-    """Run training as configured; returns the output folder."""
+@dataclass
+class TrainingSetup:
+    """What the loop trains and how it saves it; `training/train_lora.py` builds one around a frozen base model."""
+
+    train_dataset: torch.utils.data.Dataset
+    validation_dataset: Optional[torch.utils.data.Dataset]
+    # Only its parameters that require grad are optimized.
+    model: torch.nn.Module
+    vae: Optional[AutoencoderKL]
+    objective: Callable
+    sampling_scheduler: object
+    architecture: str
+    # What was trained, for the model card: e.g. "unet `small`, ddpm objective".
+    description: str
+    # `save_folder(pipeline, destination, *, config, grid, metrics, details)` writes `last/` and `best/`.
+    save_folder: Callable = save_pipeline_folder
+
+
+def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSetup:
+    """The data and a new denoiser from its preset, in pixel or VAE latent space, saved as pipeline folders."""
+    train_dataset, validation_dataset = load_datasets(config.data)
+    num_classes = train_dataset.num_classes
+    image_channels, image_size, _ = train_dataset[0]["pixel_values"].shape
+    vae = None
+    sample_size, in_channels = image_size, image_channels
+    if config.model.vae is not None:
+        vae = load_vae(config.model.vae).to(accelerator.device)
+        sample_size, in_channels = latent_geometry(vae, image_size)
+
+    set_seed(config.train.seed)  # identical initial weights on every process
+    model = build_model(config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
+    noise_scheduler = build_noise_scheduler(config.objective, clip_sample=vae is None)
+    return TrainingSetup(
+        train_dataset=train_dataset,
+        validation_dataset=validation_dataset,
+        model=model,
+        vae=vae,
+        objective=build_objective(config.objective, noise_scheduler, num_classes),
+        sampling_scheduler=build_sampling_scheduler(config.eval.sampler, noise_scheduler),
+        architecture=config.model.architecture,
+        description=f"{config.model.architecture} `{config.model.preset}`, {config.objective.name} objective",
+    )
+
+
+def train(config: Config, build_setup: Callable[[Config, Accelerator], TrainingSetup] = build_training_setup) -> Path:
+    """Run training as configured; returns the output folder. `build_setup` supplies the data and the model."""
     output_dir = Path(config.output_dir)
     mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
     accelerator = Accelerator(
@@ -405,18 +450,9 @@ def train(config: Config) -> Path:
         torch.backends.cudnn.allow_tf32 = True
     rank, num_processes, seed = accelerator.process_index, accelerator.num_processes, config.train.seed
 
-    # Data, and the space the model lives in (pixels, or VAE latents).
-    train_dataset, validation_dataset = load_datasets(config.data)
+    setup = build_setup(config, accelerator)
+    train_dataset, validation_dataset, model, vae = setup.train_dataset, setup.validation_dataset, setup.model, setup.vae
     num_classes, id2label = train_dataset.num_classes, train_dataset.id2label
-    image_channels, image_size, _ = train_dataset[0]["pixel_values"].shape
-    vae = None
-    sample_size, in_channels = image_size, image_channels
-    if config.model.vae is not None:
-        vae = load_vae(config.model.vae).to(accelerator.device)
-        sample_size, in_channels = latent_geometry(vae, image_size)
-
-    set_seed(seed)  # identical initial weights on every process
-    model = build_model(config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
     # Different dropout masks per process; a resumed run gets the saved RNG states back from `load_state`.
     set_seed(seed, device_specific=True)
     if model.config.learn_sigma:
@@ -424,9 +460,7 @@ def train(config: Config) -> Path:
                           "this loop does not implement; set learn_sigma to false.")
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    noise_scheduler = build_noise_scheduler(config.objective, clip_sample=vae is None)
-    objective = build_objective(config.objective, noise_scheduler, num_classes)
-    sampling_scheduler = build_sampling_scheduler(config.eval.sampler, noise_scheduler)
+    objective, sampling_scheduler = setup.objective, setup.sampling_scheduler
     if config.eval.fid_n > 0:
         from .evaluation import evaluate_pipeline  # noqa: F401  (fail now, not after the first epoch)
 
@@ -451,8 +485,8 @@ def train(config: Config) -> Path:
 
     optim = config.optim
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=optim.learning_rate, betas=(optim.adam_beta1, optim.adam_beta2),
-        eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
+        [p for p in model.parameters() if p.requires_grad], lr=optim.learning_rate,
+        betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_epsilon, weight_decay=optim.weight_decay,
     )
     # Not passed to `prepare`: stepped once per optimizer step, whatever the number of processes.
     lr_scheduler = get_scheduler(
@@ -526,7 +560,7 @@ def train(config: Config) -> Path:
             ema.copy_to(eval_model.parameters())
         else:
             eval_model.load_state_dict(unwrapped.state_dict())
-        pipeline = build_pipeline(config.model.architecture, eval_model, sampling_scheduler, vae, id2label)
+        pipeline = build_pipeline(setup.architecture, eval_model, sampling_scheduler, vae, id2label)
         pipeline.set_progress_bar_config(disable=True)
         name = f"epoch_{epoch:04d}"
         gif_path = output_dir / "samples" / f"{name}.gif" if config.eval.gif else None
@@ -542,17 +576,17 @@ def train(config: Config) -> Path:
                 inception_score=metrics.get("inception_score"), metric_num_samples=metrics.get("num_samples"),
             )
         details = (
-            f"Recipe config in `training_config.yaml`: {config.model.architecture} `{config.model.preset}`, "
-            f"{config.objective.name} objective, {global_step} optimizer steps ({epoch + 1} epochs) at global batch "
-            f"{global_batch} on {num_processes} x {accelerator.device.type}; EMA weights: {ema is not None}."
+            f"Recipe config in `training_config.yaml`: {setup.description}, {global_step} optimizer steps "
+            f"({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x {accelerator.device.type}; "
+            f"EMA weights: {ema is not None}."
         )
         card = card_metrics(metrics)
-        save_pipeline_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
+        setup.save_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
         # Lower is better for both criteria; without either, the newest evaluation counts as best.
         criterion = ("fid", results["fid"]) if results.get("fid") is not None else ("val_loss", results.get("val_loss"))
         if criterion[1] is None or best["value"] is None or best["name"] != criterion[0] or criterion[1] <= best["value"]:
             best = {"name": criterion[0], "value": criterion[1], "step": global_step}
-            save_pipeline_folder(pipeline, output_dir / "best", config=config, grid=grid, metrics=card, details=details)
+            setup.save_folder(pipeline, output_dir / "best", config=config, grid=grid, metrics=card, details=details)
         tracker_values = {f"eval/{k}": v for k, v in {**metrics, **results}.items() if isinstance(v, (int, float))}
         accelerator.log(tracker_values, step=global_step)
         if config.train.report_to == "tensorboard":
@@ -655,9 +689,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return train(load_config(sys.argv[1:] if argv is None else argv))
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[list[str]] = None) -> None:
+    """The command line: a config error is one line on stderr and exit status 2, not a traceback."""
     try:
-        main()
+        main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

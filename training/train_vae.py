@@ -177,9 +177,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return train_vae(load_config(sys.argv[1:] if argv is None else argv, cls=VAEConfig))
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[list[str]] = None) -> None:
+    """The command line: a config error is one line on stderr and exit status 2, not a traceback."""
     try:
-        main()
+        main(argv)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,225 @@
+"""The training loop: every recipe trains and saves a loadable pipeline; exact resume after a kill; atomic
+checkpoints; two CPU processes; refusals at the command line."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
+from diffusers import DiffusionPipeline
+from training import train as train_module
+from training.checkpointing import KILL_DURING_CHECKPOINT_ENV, TEMPORARY_PREFIX, latest_checkpoint
+from training.config import RECIPES_DIR
+from training.train import DEBUG_DIR_ENV, METRICS_COLUMNS, ShardedBatchSampler
+from training.train_vae import main as train_vae_main
+
+from hub_server import FakeHub
+
+
+REPO = Path(__file__).resolve().parent.parent
+HUB_TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
+# A few optimizer steps of a tiny model on a few images, evaluated cheaply.
+TINY = [
+    "--model.preset", "tiny", "--data.max_train_samples", "16", "--data.num_validation_samples", "4",
+    "--train.batch_size", "4", "--train.report_to", "none", "--eval.num_inference_steps", "2",
+    "--eval.images_per_class", "1", "--eval.gif", "false", "--checkpoint.every_steps", "0",
+]
+
+
+def _subprocess_env(**extra):
+    # Same thread count as this process: CPU kernels may split sums differently with more threads.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads()), **extra}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A local 32x32 RGB image folder with one subfolder per class, standing in for CIFAR-10."""
+    root = tmp_path_factory.mktemp("cifar_like")
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A VAE trained for 2 steps by `training/train_vae.py`, as the LDM recipe needs."""
+    output = tmp_path_factory.mktemp("vae") / "mnist_vae"
+    train_vae_main([
+        "--output_dir", str(output), "--model.block_out_channels", "[8, 8]", "--model.norm_num_groups", "4",
+        "--data.max_train_samples", "16", "--train.batch_size", "8", "--train.max_steps", "2",
+        "--train.scaling_samples", "16",
+    ])
+    return output
+
+
+def _recipe_args(recipe: Path, output_dir: Path, image_folder: Path, vae: Path) -> list[str]:
+    args = ["--config", str(recipe), *TINY, "--train.max_steps", "2", "--output_dir", str(output_dir)]
+    if recipe.stem.startswith("cifar10"):
+        args += ["--data.dataset", str(image_folder), "--data.validation_split", "null"]
+    if recipe.stem == "mnist_ldm":
+        args += ["--model.vae", str(vae)]
+    if recipe.stem == "quickstart":
+        # One recipe also exercises the GIF, tensorboard and checkpoint outputs.
+        args += ["--eval.gif", "true", "--train.report_to", "tensorboard", "--checkpoint.every_steps", "1"]
+    return args
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, image_folder, tiny_vae):
+    output_dir = tmp_path / recipe.stem
+    train_module.main(_recipe_args(recipe, output_dir, image_folder, tiny_vae))
+
+    rows = list(csv.DictReader(open(output_dir / "metrics.csv")))
+    assert list(rows[0]) == list(METRICS_COLUMNS)
+    assert rows[-1]["step"] == "2" and float(rows[-1]["loss"]) > 0 and float(rows[-1]["val_loss"]) > 0
+    assert float(rows[-1]["imgs_per_sec"]) > 0 and float(rows[-1]["peak_mem_mb"]) > 0
+    assert (output_dir / "config.yaml").is_file()
+    assert (output_dir / "samples" / "epoch_0000.png").is_file()
+    for folder in ("last", "best"):
+        pipe = DiffusionPipeline.from_pretrained(output_dir / folder)
+        assert "Usage" in (output_dir / folder / "README.md").read_text()
+        assert (output_dir / folder / "samples.png").is_file()
+        num_classes = pipe.denoiser.config.num_classes
+        images = pipe(class_labels=[num_classes - 1], num_inference_steps=2, output_type="np").images
+        channels = 3 if recipe.stem.startswith("cifar10") else 1
+        size = 32 if recipe.stem.startswith("cifar10") or recipe.stem == "mnist_ldm" else 28
+        assert images.shape[1:] == (size, size, channels) and np.isfinite(images).all()
+    assert (pipe.vae is not None) == (recipe.stem == "mnist_ldm")
+    if recipe.stem == "quickstart":
+        grid = Image.open(output_dir / "samples" / "epoch_0000.png")
+        assert grid.size == (28, 28 * 10)  # one row per class, one column
+        gif = Image.open(output_dir / "samples" / "epoch_0000.gif")
+        assert gif.n_frames == 3  # the noise and the 2 denoising steps
+        assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def _weights(checkpoint: Path) -> dict:
+    tensors = {f"model.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    # custom_checkpoint_1 is the EMA (registered after the lr scheduler).
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    tensors.update({f"ema.{i}": p for i, p in enumerate(ema["shadow_params"])})
+    tensors["ema.optimization_step"] = torch.tensor(ema["optimization_step"])
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    for index, state in optimizer["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    return tensors
+
+
+def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    # 16 images, batch 2 x 2 accumulation steps: 4 optimizer steps per epoch; 6 steps cross an epoch boundary.
+    args = [
+        *TINY, "--train.batch_size", "2", "--train.gradient_accumulation_steps", "2", "--train.max_steps", "6",
+        "--checkpoint.every_steps", "2", "--eval.every_epochs", "100", "--ema.decay", "0.9",
+        "--model.overrides.dropout", "0.1",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_module.main([*args, "--output_dir", str(straight)])
+
+    # A real process, killed (SIGKILL) while checkpoint-4 is being written: after step 4, mid-epoch 1.
+    killed = subprocess.run(
+        [sys.executable, "-m", "training.train", *args, "--output_dir", str(resumed)],
+        cwd=REPO, env=_subprocess_env(**{KILL_DURING_CHECKPOINT_ENV: "4"}), capture_output=True, text=True, timeout=600,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    checkpoints = resumed / "checkpoints"
+    assert (checkpoints / f"{TEMPORARY_PREFIX}checkpoint-4").is_dir()  # the half-written one
+    assert latest_checkpoint(resumed) == checkpoints / "checkpoint-2"
+
+    train_module.main([*args, "--output_dir", str(resumed), "--checkpoint.resume_from_checkpoint", "latest"])
+    assert not list(checkpoints.glob(TEMPORARY_PREFIX + "*"))
+    expected, actual = _weights(straight / "checkpoints" / "checkpoint-6"), _weights(checkpoints / "checkpoint-6")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert json.loads((checkpoints / "checkpoint-6" / "training_state.json").read_text())["step"] == 6
+    # The EMA weights are what the saved pipeline holds.
+    for folder in ("last", "best"):
+        a = load_file(straight / folder / "unet" / "diffusion_pytorch_model.safetensors")
+        b = load_file(resumed / folder / "unet" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader(open(resumed / "metrics.csv")))
+    assert [row["step"] for row in rows] == ["4", "6"]  # epoch 0 before the kill, epoch 1 after the resume
+
+
+def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp_path):
+    debug_dir = tmp_path / "debug"
+    debug_dir.mkdir()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "training.train", *TINY, "--train.num_epochs", "2", "--output_dir", str(tmp_path / "run"),
+        "--checkpoint.every_steps", "2", "--hub.push_to_hub", "true", "--hub.hub_model_id", "user/mnist-tiny",
+        "--hub.private", "true",
+    ]
+    # One thread per process (two processes fill the two cores); a loopback Hub, read from HF_ENDPOINT at import.
+    env = {k: v for k, v in _subprocess_env(OMP_NUM_THREADS="1").items() if not k.startswith("HF_")}
+    env.update({DEBUG_DIR_ENV: str(debug_dir), "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": HUB_TOKEN,
+                "HF_HUB_DISABLE_TELEMETRY": "1"})
+    with FakeHub() as hub:
+        env["HF_ENDPOINT"] = hub.url
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    rank0, rank1 = (load_file(debug_dir / f"weights_rank{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    seen = {0: [], 1: []}
+    for rank in (0, 1):
+        for line in open(debug_dir / f"samples_rank{rank}.jsonl"):
+            record = json.loads(line)
+            assert len(record["indices"]) == 4  # the per-process batch; global batch 8
+            seen[record["epoch"]].extend(record["indices"])
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == list(range(16)), epoch
+    # One writer: one metrics row per epoch, every process's RNG state in the checkpoint, one push.
+    assert [row["epoch"] for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == ["0", "1"]
+    assert {p.name for p in (tmp_path / "run" / "checkpoints" / "checkpoint-4").glob("random_states_*")} == {
+        "random_states_0.pkl", "random_states_1.pkl"
+    }
+    assert hub.unrouted == [], hub.unrouted
+    assert [r for r in hub.requests if r.startswith("POST /api/models/user/mnist-tiny/commit")] == [
+        "POST /api/models/user/mnist-tiny/commit/main"
+    ]
+    files = hub.repos["user/mnist-tiny"].resolve("main")[1]
+    assert {"model_index.json", "README.md", "samples.png", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
+    assert 'from_pretrained("user/mnist-tiny")' in files["README.md"].decode()
+    assert f"Bearer {HUB_TOKEN}" in hub.authorizations
+
+
+def test_sharded_sampler_partitions_each_epoch_and_resumes_mid_epoch():
+    samplers = [ShardedBatchSampler(50, 3, seed=1, rank=r, num_processes=2, gradient_accumulation_steps=2) for r in (0, 1)]
+    assert samplers[0].steps_per_epoch == 4 and len(samplers[0]) == 8  # 50 // (2 * 3 * 2) steps of 2 micro-batches
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        indices = [i for sampler in samplers for batch in sampler for i in batch]
+        assert len(indices) == len(set(indices)) == 48
+    assert samplers[0].epoch_batches(0) != samplers[0].epoch_batches(1)  # reshuffled every epoch
+    full = samplers[0].epoch_batches(1)
+    samplers[0].set_epoch(1, skip_batches=3)
+    assert list(samplers[0]) == full[3:] and len(samplers[0]) == 5
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        ShardedBatchSampler(10, 4, seed=0, num_processes=2, gradient_accumulation_steps=2)
+
+
+def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train_module.cli(["--config", "configs/quickstart.yaml", "--train.batch_sise", "8", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: Unknown key(s) ['train.batch_sise']") and "'batch_size'" in error
+    assert not list(tmp_path.iterdir())  # stopped before writing anything
