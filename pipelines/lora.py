@@ -2,8 +2,10 @@
 
 Files are `pytorch_lora_weights.safetensors` with keys prefixed by the component name (`unet.` or
 `transformer.`) and the peft `LoraConfig` in the safetensors header, so `lora_alpha` survives a round trip
-(without it, diffusers rebuilds `lora_alpha = r`). `set_adapters`, `disable_lora`, `enable_lora`,
-`unload_lora_weights`, `delete_adapters` and `get_list_adapters` come from `LoraBaseMixin`.
+(without it, diffusers rebuilds `lora_alpha = r`), together with the class of the denoiser the adapter was
+trained for, so that loading it into another architecture fails with a clear error. `set_adapters`,
+`disable_lora`, `enable_lora`, `unload_lora_weights`, `delete_adapters` and `get_list_adapters` come from
+`LoraBaseMixin`.
 """
 
 import json
@@ -22,6 +24,8 @@ from safetensors.torch import load_file
 logger = logging.get_logger(__name__)
 
 LoraSource = Union[str, os.PathLike, dict[str, torch.Tensor]]
+# Unprefixed key of the adapter metadata: diffusers' loaders pass on only the keys prefixed by the component name.
+DENOISER_CLASS_KEY = "denoiser_class"
 
 
 def read_lora_file(source: LoraSource, weight_name: Optional[str] = None, **hub_kwargs) -> tuple[dict, Optional[dict]]:
@@ -92,6 +96,12 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
         name = self._lora_loadable_modules[0]
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
         state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs)
+        trained_for, denoiser_class = (metadata or {}).get(DENOISER_CLASS_KEY), getattr(self, name).__class__.__name__
+        if trained_for is not None and trained_for != denoiser_class:
+            raise ValueError(
+                f"This LoRA adapter was trained for {trained_for} and cannot load into {denoiser_class} (the `{name}` "
+                f"of this {self.__class__.__name__}); load it into a pipeline whose `{name}` is a {trained_for}."
+            )
         self._check_lora_keys(state_dict)
         if metadata is None:
             logger.warning(f"The LoRA file carries no LoraConfig metadata: `lora_alpha` of `{name}` is taken equal to the rank.")
@@ -106,7 +116,9 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
         )
 
     @classmethod
-    def _save_denoiser_lora(cls, save_directory, layers, metadata, is_main_process, weight_name, save_function, safe_serialization):
+    def _save_denoiser_lora(
+        cls, save_directory, layers, metadata, is_main_process, weight_name, save_function, safe_serialization, denoiser_class=None
+    ):
         name = cls._lora_loadable_modules[0]
         if not layers:
             raise ValueError(f"Pass `{name}_lora_layers` (the LoRA state dict of `{name}`).")
@@ -115,18 +127,21 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
                 f"Pass `{name}_lora_adapter_metadata` (e.g. `pipe.{name}.peft_config['default'].to_dict()`): without "
                 "it a reload takes lora_alpha = r and the adapter comes back at the wrong strength."
             )
-        cls._save_lora_weights(
+        metadata = {f"{name}.{key}": value for key, value in metadata.items()}
+        if denoiser_class is not None:
+            metadata[DENOISER_CLASS_KEY] = denoiser_class
+        cls.write_lora_layers(
+            state_dict=cls.pack_weights(layers, name),
             save_directory=save_directory,
-            lora_layers={name: layers},
-            lora_metadata={name: metadata},
             is_main_process=is_main_process,
             weight_name=weight_name,
             save_function=save_function,
             safe_serialization=safe_serialization,
+            lora_adapter_metadata=metadata,
         )
 
     def save_denoiser_lora(self, save_directory: Union[str, os.PathLike], adapter_name: str = "default", weight_name: Optional[str] = None):
-        """Save one adapter of the denoiser, with its LoraConfig, in the pipeline LoRA format."""
+        """Save one adapter of the denoiser, with its LoraConfig and the denoiser's class, in the pipeline LoRA format."""
         from peft.utils import get_peft_model_state_dict
 
         name = self._lora_loadable_modules[0]
@@ -142,6 +157,7 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             weight_name=weight_name,
             save_function=None,
             safe_serialization=True,
+            denoiser_class=denoiser.__class__.__name__,
         )
 
     def fuse_lora(self, components: Optional[list[str]] = None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[list[str]] = None, **kwargs):
