@@ -124,6 +124,28 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
+def test_sample_loads_a_hub_repo_id(pipeline_dir, tmp_path):
+    from hub_server import FakeHub, Repo
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("PYTEST_XDIST_WORKER", None)
+    with FakeHub() as hub:
+        repo = hub.repos["user/tiny-unet"] = Repo("user/tiny-unet")
+        files = {path.relative_to(pipeline_dir).as_posix(): path.read_bytes() for path in pipeline_dir.rglob("*") if path.is_file()}
+        repo.commit(files, set(), "upload the tiny pipeline")
+        # HF_ENDPOINT is read when huggingface_hub is imported: a fresh process.
+        env["HF_ENDPOINT"] = hub.url
+        completed = subprocess.run(
+            [sys.executable, "-m", "training.sample", "user/tiny-unet", "--num_inference_steps", "2",
+             "--class_labels", "1", "--num_images_per_label", "2", "--out", str(tmp_path / "hub.png")],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert f"wrote {tmp_path / 'hub.png'}" in completed.stdout
+    assert Image.open(tmp_path / "hub.png").size == (2 * 8, 8)
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +209,7 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
     for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):
         assert Image.open(output / name).size[0] > 100
     grids = Image.open(output / "samples.png")
-    assert grids.height == compare.TITLE_HEIGHT + 10 * 28  # one 28x28 image per class
+    assert grids.height == compare.TITLE_HEIGHT + 10 * 28 * 2  # one 28x28 image per class, shown at twice the size
     summary = json.loads((output / "comparison.json").read_text())
     assert [run["name"] for run in summary] == ["unet_run", "dit_run"]
     for run in summary:

@@ -31,6 +31,8 @@ from .evaluate import write_text_atomically
 
 PIPELINE_SUBFOLDER = "last"
 TITLE_HEIGHT = 16
+# Samples smaller than this are shown at twice their size (nearest neighbour) so that digits are readable.
+SMALL_IMAGE_SIZE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +124,8 @@ def measure_sampling(run_info: dict, args) -> Image.Image:
     run_info["sampling_s_per_image"] = elapsed / len(images)
     run_info["sampling_batch"] = len(images)
     grid = make_image_grid(images, rows=len(images) // args.images_per_label, cols=args.images_per_label).convert("RGB")
+    if images[0].width < SMALL_IMAGE_SIZE:
+        grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
     titled = Image.new("RGB", (grid.width, grid.height + TITLE_HEIGHT), "white")
     titled.paste(grid, (0, TITLE_HEIGHT))
     ImageDraw.Draw(titled).text((2, 2), run_info["name"], fill="black")
