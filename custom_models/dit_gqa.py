@@ -154,12 +154,13 @@ class ScratchDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         hidden_size: int = 512,
         num_layers: int = 6,
         num_attention_heads: int = 8,
-        num_kv_heads: int = 2,
+        num_kv_heads: Optional[int] = 2,
         mlp_ratio: float = 4.0,
         num_classes: Optional[int] = 10,
         learn_sigma: bool = False,
     ):
         super().__init__()
+        num_kv_heads = num_kv_heads or num_attention_heads  # None: plain multi-head attention
         check_transformer_config(sample_size, patch_size, hidden_size)
         check_head_config(hidden_size, num_attention_heads, num_kv_heads)
         if num_classes is not None and num_classes < 1:

@@ -178,7 +178,7 @@ class ScratchMMDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         learn_sigma: bool = False,
     ):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_attention_heads
+        num_kv_heads = num_kv_heads or num_attention_heads  # None: plain multi-head attention, as in SD3
         check_transformer_config(sample_size, patch_size, hidden_size)
         check_head_config(hidden_size, num_attention_heads, num_kv_heads)
         if num_layers < 1:
