@@ -49,14 +49,14 @@ def _value(value, digits):
 
 def metrics_table(rows: list) -> str:
     lines = [
-        "| run | sampler | FID-MNIST | GAN-test acc. | IS | precision | recall | KID x1e3 | N |",
+        "| run | sampler | FID-MNIST | GAN-test acc. | IS | precision | recall | KID | N |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, sampler, results in rows:
         lines.append(
             f"| {name} | {sampler} | {results['fid_mnist']:.2f} | {results['gan_test_acc']:.4f} | "
             f"{results['inception_score']:.2f} | {_value(results['precision'], 3)} | {_value(results['recall'], 3)} | "
-            f"{results['kid_mean'] * 1e3:.2f} | {results['num_samples']:,} |"
+            f"{results['kid_mean']:.3g} | {results['num_samples']:,} |"
         )
     return "\n".join(lines)
 

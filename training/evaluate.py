@@ -61,7 +61,7 @@ def format_markdown(results: dict, title: str) -> str:
         ("Inception Score (MNIST classifier, max 10)", f"{results['inception_score']:.2f} ± {results['inception_score_std']:.2f}", f"{n} generated, 10 splits"),
         (f"Precision (k={results['precision_recall_k']})", _number(results["precision"], 4), f"{n} generated vs {min(n, n_ref)} real"),
         (f"Recall (k={results['precision_recall_k']})", _number(results["recall"], 4), f"{n} generated vs {min(n, n_ref)} real"),
-        ("KID (x 1e3)", f"{results['kid_mean'] * 1e3:.2f} ± {results['kid_std'] * 1e3:.2f}", f"subsets of {results['kid_subset_size']}"),
+        ("KID (MNIST-classifier features)", f"{results['kid_mean']:.4g} ± {results['kid_std']:.2g}", f"{results['kid_subsets']} subsets of {results['kid_subset_size']}"),
     ]
     if results.get("inception_fid") is not None:
         rows.append((
@@ -144,7 +144,7 @@ def main(argv: Optional[list] = None) -> dict:
     print(
         f"FID-MNIST {results['fid_mnist']:.2f} | GAN-test accuracy {results['gan_test_acc']:.4f} | "
         f"IS {results['inception_score']:.2f} | precision {_number(results['precision'], 3)} | "
-        f"recall {_number(results['recall'], 3)} | KID {results['kid_mean']:.4f} (N = {results['num_samples']})"
+        f"recall {_number(results['recall'], 3)} | KID {results['kid_mean']:.4g} (N = {results['num_samples']})"
     )
     print(f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
           f"(sampling {seconds(results['sampling_time_s'])})")

@@ -327,6 +327,7 @@ def compute_metrics(
         "kid_std": kid_std,
         "num_samples": int(features.shape[0]),
         "num_reference_samples": int(real.shape[0]),
+        "kid_subsets": KID_SUBSETS,
         "kid_subset_size": min(KID_SUBSET_SIZE, int(real.shape[0]), int(features.shape[0])),
         "precision_recall_k": PRECISION_RECALL_K,
         "gan_test_acc_per_class": per_class,
