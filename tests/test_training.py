@@ -17,8 +17,15 @@ from safetensors.torch import load_file
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 from diffusers import DiffusionPipeline
 from training import train as train_module
-from training.checkpointing import KILL_DURING_CHECKPOINT_ENV, TEMPORARY_PREFIX, latest_checkpoint
-from training.config import RECIPES_DIR
+from training.checkpointing import (
+    KILL_DURING_CHECKPOINT_ENV,
+    REPLACED_PREFIX,
+    TEMPORARY_PREFIX,
+    latest_checkpoint,
+    recover_directory,
+    write_atomically,
+)
+from training.config import RECIPES_DIR, ConfigError
 from training.train import DEBUG_DIR_ENV, METRICS_COLUMNS, ShardedBatchSampler
 from training.train_vae import main as train_vae_main
 
@@ -73,8 +80,9 @@ def _recipe_args(recipe: Path, output_dir: Path, image_folder: Path, vae: Path) 
     if recipe.stem == "mnist_ldm":
         args += ["--model.vae", str(vae)]
     if recipe.stem == "quickstart":
-        # One recipe also exercises the GIF, tensorboard and checkpoint outputs.
-        args += ["--eval.gif", "true", "--train.report_to", "tensorboard", "--checkpoint.every_steps", "1"]
+        # One recipe also exercises the GIF, tensorboard, checkpoint and quality-metric outputs.
+        args += ["--eval.gif", "true", "--train.report_to", "tensorboard", "--checkpoint.every_steps", "1", "--eval.fid_n", "2",
+                 "--checkpoint.checkpoints_total_limit", "1"]
     return args
 
 
@@ -105,7 +113,12 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
         gif = Image.open(output_dir / "samples" / "epoch_0000.gif")
         assert gif.n_frames == 3  # the noise and the 2 denoising steps
         assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
-        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
+        assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]  # total limit 1
+        # FID-MNIST and GAN-test accuracy from training/evaluation.py, on 2 samples per class; best/ chosen by FID.
+        assert float(rows[-1]["fid"]) > 0 and 0 <= float(rows[-1]["gan_test_acc"]) <= 1 and rows[-1]["metric_num_samples"] == "20"
+        assert "| FID-MNIST |" in (output_dir / "best" / "README.md").read_text()
+        state = json.loads((output_dir / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
+        assert state["best"]["name"] == "fid" and state["best"]["value"] == pytest.approx(float(rows[-1]["fid"]), rel=1e-5)
 
 
 def _weights(checkpoint: Path) -> dict:
@@ -129,6 +142,9 @@ def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_c
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_module.main([*args, "--output_dir", str(straight)])
+    # A fresh run into a folder with checkpoints would mix two runs: refused, resuming is the way on.
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+        train_module.main([*args, "--output_dir", str(straight)])
 
     # A real process, killed (SIGKILL) while checkpoint-4 is being written: after step 4, mid-epoch 1.
     killed = subprocess.run(
@@ -214,6 +230,21 @@ def test_sharded_sampler_partitions_each_epoch_and_resumes_mid_epoch():
     assert list(samplers[0]) == full[3:] and len(samplers[0]) == 5
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         ShardedBatchSampler(10, 4, seed=0, num_processes=2, gradient_accumulation_steps=2)
+
+
+def test_folders_are_replaced_atomically_and_an_interrupted_replacement_is_recovered(tmp_path):
+    destination = tmp_path / "last"
+    write_atomically(destination, lambda folder: (folder / "weights").write_text("v1"))
+    write_atomically(destination, lambda folder: (folder / "weights").write_text("v2"))
+    assert (destination / "weights").read_text() == "v2" and sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    # Killed between the two renames: the previous complete folder is put back.
+    destination.rename(tmp_path / (REPLACED_PREFIX + "last"))
+    recover_directory(destination)
+    assert (destination / "weights").read_text() == "v2"
+    # Killed while writing: the destination keeps its previous content.
+    with pytest.raises(RuntimeError):
+        write_atomically(destination, lambda folder: (_ for _ in ()).throw(RuntimeError("killed")))
+    assert (destination / "weights").read_text() == "v2"
 
 
 def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):

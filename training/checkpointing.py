@@ -40,7 +40,10 @@ def recover_directory(destination: Path) -> None:
     """Undo a replacement interrupted between its two renames (the previous folder is still complete)."""
     replaced = destination.with_name(REPLACED_PREFIX + destination.name)
     if replaced.exists() and not destination.exists():
-        os.rename(replaced, destination)
+        try:
+            os.rename(replaced, destination)
+        except FileNotFoundError:
+            pass  # another process of the same run recovered it first
 
 
 def write_atomically(destination: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:

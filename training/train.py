@@ -42,6 +42,7 @@ from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetP
 from pipelines.model_card import SAMPLE_GRID_FILENAME
 
 from .checkpointing import (
+    list_checkpoints,
     read_training_state,
     recover_directory,
     resolve_resume_path,
@@ -449,6 +450,12 @@ def train(config: Config, build_setup: Callable[[Config, Accelerator], TrainingS
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rank, num_processes, seed = accelerator.process_index, accelerator.num_processes, config.train.seed
+    resume_path = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
+    if resume_path is None and list_checkpoints(output_dir):
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints of an earlier run ({list_checkpoints(output_dir)[-1].name}); continue it "
+            "with --checkpoint.resume_from_checkpoint latest, or choose another output_dir."
+        )
 
     setup = build_setup(config, accelerator)
     train_dataset, validation_dataset, model, vae = setup.train_dataset, setup.validation_dataset, setup.model, setup.vae
@@ -508,7 +515,6 @@ def train(config: Config, build_setup: Callable[[Config, Accelerator], TrainingS
     if accelerator.is_main_process:
         for folder in ("last", "best"):
             recover_directory(output_dir / folder)
-    resume_path = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         if ema is not None:
@@ -639,7 +645,8 @@ def train(config: Config, build_setup: Callable[[Config, Accelerator], TrainingS
                 window_losses = []
                 progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
                 accelerator.log({"train/loss": window_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if config.checkpoint.every_steps and global_step % config.checkpoint.every_steps == 0:
+            # The last step's checkpoint waits until after the final evaluation, so that it records the best result.
+            if config.checkpoint.every_steps and global_step % config.checkpoint.every_steps == 0 and global_step < total_steps:
                 checkpoint()
             if global_step >= total_steps:
                 break
@@ -665,7 +672,7 @@ def train(config: Config, build_setup: Callable[[Config, Accelerator], TrainingS
         if ema is not None:
             weights.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, debug_dir / f"weights_rank{rank}.safetensors")
-    if config.checkpoint.every_steps and global_step % config.checkpoint.every_steps:
+    if config.checkpoint.every_steps:
         checkpoint()  # the final state, for continuing with more epochs later
     if config.hub.push_to_hub and accelerator.is_main_process:
         push_folder(output_dir / "best", config.hub)
