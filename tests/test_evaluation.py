@@ -49,7 +49,11 @@ def reference_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(classifier, reference_cache):
-    return reference_features(classifier, cache_directory=reference_cache)
+    # Start from an empty in-memory cache: another test module in this worker may have filled it, and then
+    # nothing would be written to `reference_cache`.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "_REFERENCE_MEMORY", {})
+        return reference_features(classifier, cache_directory=reference_cache)
 
 
 # --------------------------------------------------------------------------------------------------
