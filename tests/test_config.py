@@ -101,3 +101,12 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     # The saved file is itself a valid recipe.
     assert load_config(["--config", str(tmp_path / "config.yaml")]) == config
     assert not [p for p in Path(tmp_path).iterdir() if p.name != "config.yaml"]  # no temporary file left
+
+
+def test_help_lists_every_key_with_its_default_and_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--model.architecture (str, default 'unet') one of ['unet', 'dit', 'mmdit']" in text
+    assert "--train.batch_size" in text and "--checkpoint.resume_from_checkpoint" in text

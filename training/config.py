@@ -333,8 +333,32 @@ def load_recipe(path: Union[str, os.PathLike]) -> dict:
     return data
 
 
+def describe_keys(cls, prefix: str = "") -> list[str]:
+    """One line per configurable key of dataclass `cls`: dotted name, type, default, allowed values, doc."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        if dataclasses.is_dataclass(annotation):
+            lines += describe_keys(annotation, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+        line = f"  --{prefix}{f.name} ({type_name}, default {default!r})"
+        if "choices" in f.metadata:
+            line += f" one of {list(f.metadata['choices'])}"
+        if f.metadata.get("doc"):
+            line += f": {f.metadata['doc']}"
+        lines.append(line)
+    return lines
+
+
 def load_config(argv: list[str], cls=Config):
     """`[--config recipe.yaml] [--section.key value ...]` -> a checked config of dataclass `cls`."""
+    if "-h" in argv or "--help" in argv:
+        print("usage: [--config recipe.yaml] [--section.key value ...]  (values are YAML; recipes in configs/)\n")
+        print("\n".join(describe_keys(cls)))
+        raise SystemExit(0)
     config_path, overrides = parse_overrides(list(argv))
     data = load_recipe(config_path) if config_path is not None else {}
     config = from_dict(cls, _merge(data, overrides))
