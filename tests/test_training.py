@@ -254,3 +254,15 @@ def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):
     error = capsys.readouterr().err
     assert error.startswith("error: Unknown key(s) ['train.batch_sise']") and "'batch_size'" in error
     assert not list(tmp_path.iterdir())  # stopped before writing anything
+
+
+def test_idle_cpu_cores_hint_names_the_accelerate_flag(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    hint = train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=1)
+    assert "1 of 4 CPU cores" in hint and "--num_cpu_threads_per_process 4" in hint
+    two_processes = train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=2)
+    assert "2 of 4 CPU cores" in two_processes and "--num_cpu_threads_per_process 2" in two_processes
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=2) is None  # all cores busy
+    assert train_module.idle_cpu_cores_hint(torch.device("cuda"), num_processes=1) is None
