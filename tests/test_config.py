@@ -68,6 +68,7 @@ def test_defaults_run_without_a_recipe():
         (["--model.overrides.num_classes", "3"], r"model.overrides.num_classes is set from the data"),
         (["--objective.name", "flow_matching", "--eval.sampler", "ddim"], r"eval.sampler 'ddim' cannot sample a flow-matching"),
         (["--objective.name", "flow_matching", "--objective.snr_gamma", "5"], r"snr_gamma .* DDPM family only"),
+        (["--eval.fid_n", "1"], r"eval.fid_n must be 0 \(no metrics\) or >= 2"),
         (["--hub.push_to_hub", "true"], r"hub.hub_model_id is not set"),
         (["--model.vae", "/no/such/vae"], r"model.vae folder '/no/such/vae' does not exist; train it first"),
         (["--checkpoint.resume_from_checkpoint", "/no/such"], r"neither 'latest' nor a checkpoint folder"),

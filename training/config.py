@@ -409,6 +409,8 @@ def check_config(config: Config) -> None:
         raise ConfigError("eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'.")
     if objective == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
+    if config.eval.fid_n == 1:
+        raise ConfigError("eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1.")
     if config.objective.beta_start >= config.objective.beta_end:
         raise ConfigError(
             f"objective.beta_start ({config.objective.beta_start}) must be below objective.beta_end ({config.objective.beta_end})."
