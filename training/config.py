@@ -385,6 +385,17 @@ def model_class(architecture: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def check_loop_settings(config) -> None:
+    """Checks of the sections the training loop reads, shared by full and LoRA training configs."""
+    if config.eval.fid_n == 1:
+        raise ConfigError("eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1.")
+    if config.hub.push_to_hub and not config.hub.hub_model_id:
+        raise ConfigError("hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'.")
+    resume = config.checkpoint.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
+
+
 def check_config(config: Config) -> None:
     """Refuse combinations that would fail (or silently mislead) only after training started."""
     model_cls = model_class(config.model.architecture)
@@ -409,21 +420,11 @@ def check_config(config: Config) -> None:
         raise ConfigError("eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'.")
     if objective == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
-    if config.eval.fid_n == 1:
-        raise ConfigError("eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1.")
     if config.objective.beta_start >= config.objective.beta_end:
         raise ConfigError(
             f"objective.beta_start ({config.objective.beta_start}) must be below objective.beta_end ({config.objective.beta_end})."
         )
-    if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ConfigError("hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'.")
-    if config.checkpoint.resume_from_checkpoint not in (None, "latest") and not Path(
-        config.checkpoint.resume_from_checkpoint
-    ).is_dir():
-        raise ConfigError(
-            f"checkpoint.resume_from_checkpoint {config.checkpoint.resume_from_checkpoint!r} is neither 'latest' nor a "
-            "checkpoint folder."
-        )
+    check_loop_settings(config)
     if config.model.vae is not None and not Path(config.model.vae).is_dir():
         raise ConfigError(
             f"model.vae folder {config.model.vae!r} does not exist; train it first with "

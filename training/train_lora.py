@@ -46,6 +46,7 @@ from .config import (
     TIMESTEP_SAMPLINGS,
     TrainConfig,
     bounded,
+    check_loop_settings,
     choice,
     load_config,
     save_config,
@@ -140,13 +141,7 @@ def check_lora_config(config: LoraTrainingConfig) -> None:
             "base.pretrained_model_name_or_path is not set; give the pipeline to fine-tune, a folder written by "
             "training/train.py (e.g. outputs/quickstart/best) or a Hub repo id."
         )
-    if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ConfigError(
-            "hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/bold-digits-lora'."
-        )
-    resume = config.checkpoint.resume_from_checkpoint
-    if resume not in (None, "latest") and not Path(resume).is_dir():
-        raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
+    check_loop_settings(config)
 
 
 # --------------------------------------------------------------------------------------------------
