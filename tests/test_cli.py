@@ -204,7 +204,8 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
     result = compare.main([*map(str, run_dirs), "--output_dir", str(output), "--num_inference_steps", "2",
                            "--images_per_label", "1"])
     markdown = (output / "comparison.md").read_text()
-    assert "| unet_run | unet `tiny` | ddpm |" in markdown and "| dit_run | dit `tiny` |" in markdown
+    # 16 images in batches of 8 for 2 epochs: 4 optimizer steps.
+    assert "| unet_run | unet `tiny` | ddpm | 4 x 8 |" in markdown and "| dit_run | dit `tiny` | ddpm | 4 x 8 |" in markdown
     assert "(N=20)" in markdown and "sampling s/img (2 steps)" in markdown
     for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):
         assert Image.open(output / name).size[0] > 100
@@ -214,7 +215,7 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
     assert [run["name"] for run in summary] == ["unet_run", "dit_run"]
     for run in summary:
         assert run["fid_mnist"] > 0 and run["metric_num_samples"] == 20 and run["parameters"] > 0
-        assert run["sampling_s_per_image"] > 0 and run["epochs"] == 2
+        assert run["sampling_s_per_image"] > 0 and run["epochs"] == 2 and run["steps"] == 4 and run["batch_per_step"] == 8
     assert len(result["files"]) == 7
     assert "compared 2 runs" in capsys.readouterr().out
 

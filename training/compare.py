@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_per_step(train_config: dict) -> Optional[int]:
+    if train_config.get("batch_size") is None:
+        return None
+    return int(train_config["batch_size"]) * int(train_config.get("gradient_accumulation_steps") or 1)
+
+
 def _float(value: str) -> Optional[float]:
     return float(value) if value not in ("", None) else None
 
@@ -87,6 +93,8 @@ def read_run(folder: str) -> dict:
         "objective": config.get("objective", {}).get("name"),
         "epochs": int(rows[-1]["epoch"]) + 1 if rows[-1].get("epoch") is not None else len(rows),
         "steps": int(rows[-1]["step"]) if rows[-1].get("step") is not None else None,
+        # Images per optimizer step on each process (the global batch also multiplies by the process count).
+        "batch_per_step": _batch_per_step(config.get("train", {})),
         "fid_mnist": last_eval.get("fid"),
         "gan_test_acc": last_eval.get("gan_test_acc"),
         "inception_score": last_eval.get("inception_score"),
@@ -149,9 +157,9 @@ def _cell(value, digits: int, suffix: str = "") -> str:
 def format_markdown(runs: list, args) -> str:
     """The comparison table plus the notes a reader needs to trust it."""
     lines = [
-        "| run | model | objective | parameters | FID-MNIST | GAN-test acc. | IS | train img/s | step ms | peak mem MB | "
+        "| run | model | objective | trained (steps x batch) | parameters | FID-MNIST | GAN-test acc. | IS | train img/s | step ms | peak mem MB | "
         f"sampling s/img ({args.num_inference_steps} steps) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for info in runs:
         fid = _cell(info["fid_mnist"], 2)
@@ -159,6 +167,7 @@ def format_markdown(runs: list, args) -> str:
             fid += f" (N={info['metric_num_samples']:,})"
         lines.append(
             f"| {info['name']} | {info['architecture']} `{info['preset']}` | {info['objective']} | "
+            f"{_cell(info['steps'], 0)} x {_cell(info['batch_per_step'], 0)} | "
             f"{info['parameters'] / 1e6:.2f}M | {fid} | {_cell(info['gan_test_acc'], 3)} | "
             f"{_cell(info['inception_score'], 2)} | {_cell(info['imgs_per_sec'], 1)} | {_cell(info['step_time_ms'], 0)} | "
             f"{_cell(info['peak_mem_mb'], 0)} | {_cell(info['sampling_s_per_image'], 4)} |"
@@ -171,7 +180,8 @@ def format_markdown(runs: list, args) -> str:
         "",
         f"FID-MNIST, GAN-test accuracy and IS (MNIST-classifier Inception Score, max 10) come from each run's last "
         f"evaluation ({evaluated_at}); N is the number of generated samples, scored against the 10,000 real test "
-        "images. Train img/s and step ms are medians over epochs; peak memory is the maximum. Sampling time: one "
+        "images. Trained: optimizer steps x images per step and process. Train img/s and step ms are medians over "
+        "epochs; peak memory is the maximum. Sampling time: one "
         f"batch of {runs[0]['sampling_batch']} images per run (`{PIPELINE_SUBFOLDER}/` pipeline, its saved scheduler, "
         f"seed {args.seed}) on {environment_line()}.",
         "",
