@@ -66,7 +66,7 @@ def results_section(rows: list, comparison: str, output_dir: Path, argv: list) -
     # The README lives at the repository root: point the report's image links into the output folder.
     relative = output_dir.resolve().relative_to(REPO) if output_dir.resolve().is_relative_to(REPO) else output_dir
     comparison = comparison.replace("](", f"]({relative.as_posix()}/")
-    kid = rows[0][2]
+    settings = rows[0][2]  # metric settings, the same for every row
     return "\n".join([
         "## Results",
         "",
@@ -74,8 +74,8 @@ def results_section(rows: list, comparison: str, output_dir: Path, argv: list) -
         f"computed in the feature space of the shipped MNIST classifier (sha256 `{MNIST_CLASSIFIER_SHA256[:16]}...`), "
         "against the 10,000 real test images; FID-MNIST is not comparable with Inception FID. The real-train row is "
         "the floor at the same sample count. Precision / recall: improved precision and recall with "
-        f"k = {kid['precision_recall_k']}. KID: the mean unbiased MMD^2 with the cubic polynomial kernel over "
-        f"{kid['kid_subsets']} subsets of {kid['kid_subset_size']:,}, in the units of the classifier's 128-d "
+        f"k = {settings['precision_recall_k']}. KID: the mean unbiased MMD^2 with the cubic polynomial kernel over "
+        f"{settings['kid_subsets']} subsets of {settings['kid_subset_size']:,}, in the units of the classifier's 128-d "
         "features (not comparable with Inception KID).",
         "",
         "Best checkpoint of each run:",
@@ -137,7 +137,8 @@ def main(argv=None):
     rows.append(("real MNIST train images", "-", floor))
 
     compare.main([*args.runs, "--output_dir", str(output_dir)] + (["--device", args.device] if args.device else []))
-    section = results_section(rows, (output_dir / "comparison.md").read_text(), output_dir, sys.argv[1:] if argv is None else argv)
+    comparison = (output_dir / "comparison.md").read_text()
+    section = results_section(rows, comparison, output_dir, sys.argv[1:] if argv is None else argv)
     write_text_atomically(output_dir / "results_section.md", section + "\n")
     if args.readme:
         replace_results_block(Path(args.readme), section)

@@ -157,7 +157,8 @@ def _cell(value, digits: int, suffix: str = "") -> str:
 def format_markdown(runs: list, args) -> str:
     """The comparison table plus the notes a reader needs to trust it."""
     lines = [
-        "| run | model | objective | trained (steps x batch) | parameters | FID-MNIST | GAN-test acc. | IS | train img/s | step ms | peak mem MB | "
+        "| run | model | objective | trained (steps x batch) | parameters | FID-MNIST | GAN-test acc. | IS | "
+        "train img/s | step ms | peak mem MB | "
         f"sampling s/img ({args.num_inference_steps} steps) |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
