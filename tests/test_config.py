@@ -41,6 +41,18 @@ def test_overrides_are_dotted_yaml_values_merged_into_the_recipe():
     assert config.eval.sampler == "ddpm" and config.eval.num_inference_steps == 1000
 
 
+def test_no_and_off_are_words_and_only_true_false_are_booleans(tmp_path):
+    # PyYAML's YAML 1.1 would read `no` as False; accelerate's mixed precision setting is spelled "no".
+    assert load_config(["--train.mixed_precision", "no"]).train.mixed_precision == "no"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\neval:\n  gif: False\n")
+    config = load_config(["--config", str(recipe)])
+    assert config.train.mixed_precision == "no" and config.eval.gif is False
+    with pytest.raises(ConfigError, match=r"eval.gif expects type bool, got 'off' \(str\) \(booleans are spelled true / false\)"):
+        load_config(["--eval.gif", "off"])
+    assert yaml.safe_load("no") is False  # the loader change stays local to the config
+
+
 def test_defaults_run_without_a_recipe():
     config = load_config([])
     assert config == Config()

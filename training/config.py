@@ -2,7 +2,8 @@
 
 A recipe is a YAML file whose sections mirror the dataclasses below. Any key can be overridden on the
 command line as `--section.key value` (or `--section.key=value`); values are parsed as YAML, so `64`,
-`1e-3`, `true` and `null` mean what they look like. Unknown keys, wrong types and values outside their
+`1e-3`, `true` and `null` mean what they look like (booleans are only `true` / `false`, as in YAML 1.2:
+`no`, `off` and `yes` stay words, so `--train.mixed_precision no` means accelerate's "no"). Unknown keys, wrong types and values outside their
 allowed set stop the run with a `ConfigError` that names the key and lists what is allowed.
 """
 
@@ -10,6 +11,7 @@ import dataclasses
 import importlib
 import inspect
 import os
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +36,24 @@ TRACKERS = ("tensorboard", "none")
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be trained; the message names the key and what is allowed."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: PyYAML follows YAML 1.1, where `no` / `off` / `yes` / `on` are
+    booleans, which would turn accelerate's `mixed_precision: no` into `False`."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text) -> Any:
+    """A YAML document (string or file) as Python values, with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def choice(default, choices, doc=""):
@@ -239,7 +259,8 @@ def _coerce(key: str, value: Any, annotation, metadata) -> Any:
         list: isinstance(value, list),
     }[base]
     if not ok:
-        raise ConfigError(f"{key} expects type {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
+        hint = " (booleans are spelled true / false)" if base is bool and isinstance(value, str) else ""
+        raise ConfigError(f"{key} expects type {_type_name(annotation)}, got {value!r} ({type(value).__name__}){hint}.")
     if base is float:
         value = float(value)
     if "choices" in metadata and value not in metadata["choices"]:
@@ -306,7 +327,7 @@ def parse_overrides(argv: list[str]) -> tuple[Optional[str], dict]:
         if key == "config":
             config_path = raw
         else:
-            _set_dotted(overrides, key, yaml.safe_load(raw))
+            _set_dotted(overrides, key, parse_yaml(raw))
     return config_path, overrides
 
 
@@ -327,7 +348,7 @@ def load_recipe(path: Union[str, os.PathLike]) -> dict:
         available = sorted(str(p.relative_to(RECIPES_DIR.parent)) for p in RECIPES_DIR.glob("*.yaml"))
         raise ConfigError(f"Recipe file '{path}' not found; available recipes: {available}.")
     with open(path) as file:
-        data = yaml.safe_load(file) or {}
+        data = parse_yaml(file) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"Recipe '{path}' must hold a mapping of sections, got {type(data).__name__}.")
     return data
