@@ -3,8 +3,9 @@
 A recipe is a YAML file whose sections mirror the dataclasses below. Any key can be overridden on the
 command line as `--section.key value` (or `--section.key=value`); values are parsed as YAML, so `64`,
 `1e-3`, `true` and `null` mean what they look like (booleans are only `true` / `false`, as in YAML 1.2:
-`no`, `off` and `yes` stay words, so `--train.mixed_precision no` means accelerate's "no"). Unknown keys, wrong types and values outside their
-allowed set stop the run with a `ConfigError` that names the key and lists what is allowed.
+`no`, `off` and `yes` stay words, so `--train.mixed_precision no` means accelerate's "no"). Unknown keys,
+wrong types and values outside their allowed set stop the run with a `ConfigError` that names the key and
+lists what is allowed.
 """
 
 import dataclasses
