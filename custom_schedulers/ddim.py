@@ -2,28 +2,18 @@
 
 Same forward process and training as DDPM (Ho et al. 2020), sampled along a sub-sequence of timesteps with
 eq. 12 of Song et al.; `eta` = 0 is deterministic, `eta` = 1 has the DDPM posterior variance (eq. 16).
-Timesteps are 0-indexed: "timestep -1" is the clean sample x_0.
+Timesteps are 0-indexed: "timestep -1" is the clean sample x_0. The schedule, the timestep grid and the
+forward process are shared with DDPM (`schedules.py`); this file is the update rule.
 """
 
-import operator
 from dataclasses import dataclass
 
 import torch
-from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedules import (
-    PREDICTION_TYPES,
-    TIMESTEP_SPACINGS,
-    check_choice,
-    dynamic_threshold,
-    forward_coefficients,
-    inference_timesteps,
-    make_betas,
-)
+from .schedules import DiscreteDiffusionScheduler
 
 
 @dataclass
@@ -34,17 +24,17 @@ class ScratchDDIMSchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
-class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
-    """DDIM sampler; config names match diffusers' `DDIMScheduler`.
+class ScratchDDIMScheduler(DiscreteDiffusionScheduler):
+    """DDIM sampler; config names, arguments and trajectories match diffusers' `DDIMScheduler`.
+
+    As in diffusers, `step` needs `set_timesteps` first (`timesteps=[...]` takes a custom schedule) and refuses a
+    timestep that is not on the schedule.
 
     One deliberate difference: each step goes to the next timestep of the schedule (Song et al., Sec. 4.2),
     where diffusers subtracts `num_train_timesteps // num_inference_steps`, which leaves the schedule for
     `timestep_spacing="linspace"` and for "trailing" with a step count that does not divide
     `num_train_timesteps` (diffusers issues #11347, #12633). Everywhere else the trajectories are identical.
     """
-
-    _compatibles = [scheduler.name for scheduler in KarrasDiffusionSchedulers]
-    order = 1
 
     @register_to_config
     def __init__(
@@ -65,67 +55,9 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        if not isinstance(steps_offset, int) or steps_offset < 0:
-            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}.")
-        if clip_sample and not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}.")
-        if thresholding and not (0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1):
-            raise ValueError(
-                "thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1, got "
-                f"{dynamic_thresholding_ratio!r} and {sample_max_value!r}."
-            )
-
-        self.betas = make_betas(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr
-        )
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._init_noise_schedule()
         # abar after the last step: 1 lands exactly on x_0; otherwise abar_0, as in Stable Diffusion.
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
-        self.init_noise_sigma = 1.0
-
-        # Until `set_timesteps` is called, `timesteps` lists the training chain, but `step` refuses to run.
-        self.num_inference_steps = None
-        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self._schedule = []
-        self._position = {}
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        """DDIM feeds the model x_t unscaled; present for interchangeability with other schedulers."""
-        return sample
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        """Choose the sub-sequence of `num_inference_steps` timesteps, spaced per `config.timestep_spacing`."""
-        config = self.config
-        timesteps = inference_timesteps(
-            config.num_train_timesteps, num_inference_steps, config.timestep_spacing, config.steps_offset
-        )
-        self.num_inference_steps = int(num_inference_steps)
-        self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._schedule = timesteps.tolist()
-        self._position = {t: i for i, t in enumerate(self._schedule)}
-
-    def _scheduled_timestep(self, timestep: int | torch.Tensor) -> int:
-        """`timestep` as an int, refusing anything that is not in the sampling schedule."""
-        if self.num_inference_steps is None:
-            raise ValueError("Call `set_timesteps(num_inference_steps)` before `step`.")
-        try:
-            key = operator.index(timestep)
-        except TypeError:
-            key = None
-        if key not in self._position:
-            raise ValueError(
-                f"timestep {timestep!r} is not in the schedule set by set_timesteps ({self.num_inference_steps} "
-                f"integer steps, from {self._schedule[0]} down to {self._schedule[-1]})."
-            )
-        return key
-
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The timestep after `timestep` in the sampling schedule, or -1 (the clean sample) after the last one."""
-        position = self._position[self._scheduled_timestep(timestep)] + 1
-        return self._schedule[position] if position < len(self._schedule) else -1
 
     def step(
         self,
@@ -166,14 +98,7 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
             pred_original_sample = model_output
             pred_epsilon = (sample - signal * pred_original_sample) / noise_level
 
-        if self.config.thresholding:
-            pred_original_sample = dynamic_threshold(
-                pred_original_sample, self.config.dynamic_thresholding_ratio, self.config.sample_max_value
-            )
-        elif self.config.clip_sample:
-            pred_original_sample = pred_original_sample.clamp(
-                -self.config.clip_sample_range, self.config.clip_sample_range
-            )
+        pred_original_sample = self._clip_or_threshold(pred_original_sample)
         if use_clipped_model_output:
             # Recompute eps from the clipped x_0 so that x_0 and eps stay consistent with x_t (as in GLIDE).
             pred_epsilon = (sample - signal * pred_original_sample) / noise_level
@@ -195,16 +120,3 @@ class ScratchDDIMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return ScratchDDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Forward process, Ho et al. 2020 eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, original_samples)
-        return signal * original_samples + noise_level * noise
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The v-prediction target, Salimans & Ho 2022, Sec. 4: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
-        signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, sample)
-        return signal * noise - noise_level * sample
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

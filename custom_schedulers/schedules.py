@@ -1,16 +1,23 @@
 """The discrete noise schedule shared by the DDPM and DDIM schedulers.
 
 Both samplers reverse the same forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
-(Ho et al. 2020, eq. 4), so the betas, the inference timestep grid, the forward-process coefficients and
-dynamic thresholding live here once; each sampler's own update rule lives in its own file.
+(Ho et al. 2020, eq. 4), so everything but the update rule lives here once, in `DiscreteDiffusionScheduler`:
+the betas, the config checks, the inference timestep grid, the lookup of the previous timestep, clipping and
+dynamic thresholding of x_0, and the forward process. `ddpm.py` and `ddim.py` each hold one sampler's `step`.
+(diffusers copies these pieces into every scheduler file, marked `# Copied from`, so that one file can be read
+and copied alone; ours are two samplers of one process, and one base says so.)
 """
 
+import bisect
 import math
+import operator
 
 import numpy as np
 import torch
+from diffusers import ConfigMixin, SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -39,8 +46,6 @@ def make_betas(
                 f"trained_betas has {betas.numel()} values but num_train_timesteps is {num_train_timesteps}; "
                 "they must match."
             )
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("trained_betas must all lie strictly between 0 and 1.")
     else:
         check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if beta_schedule == "linear":
@@ -49,6 +54,16 @@ def make_betas(
         elif beta_schedule == "scaled_linear":
             # Latent diffusion (Rombach et al. 2022): linear in sqrt(beta).
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "sigmoid":
+            # GeoDiff (Xu et al. 2022): betas follow a sigmoid from beta_start to beta_end.
+            betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
+        elif beta_schedule == "laplace":
+            # Hang et al. 2024 ("Improved noise schedule"): log-SNR Laplace-distributed around 0; diffusers'
+            # discretisation of abar(t) = sqrt(snr / (1 + snr)), capped at beta = 0.999 like the cosine schedule.
+            grid = torch.arange(num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
+            log_snr = -0.5 * torch.sign(0.5 - grid) * torch.log(1 - 2 * (0.5 - grid).abs() + 1e-6)
+            alpha_bar = (log_snr.exp() / (1 + log_snr.exp())).sqrt()
+            betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999).to(torch.float32)
         else:
             # Nichol & Dhariwal 2021, eq. 17: abar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2) with s = 0.008, and
             # beta_t = 1 - abar(t) / abar(t-1) capped at 0.999 so that the last steps stay finite.
@@ -57,7 +72,23 @@ def make_betas(
             betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999).to(torch.float32)
     if rescale_betas_zero_snr:
         betas = _rescale_to_zero_terminal_snr(betas)
+    _check_betas(betas, rescale_betas_zero_snr)
     return betas
+
+
+def _check_betas(betas: torch.Tensor, zero_terminal_snr: bool) -> None:
+    """Refuse a schedule that cannot be a diffusion: every beta in (0, 1), so that abar_t is positive and falls
+    with t. Only the zero-SNR rescale may end on beta = 1 (abar = 0: pure noise at the last timestep)."""
+    inner = betas[:-1] if zero_terminal_snr else betas
+    bad = ~((inner > 0) & (inner < 1))
+    if zero_terminal_snr and not 0 < float(betas[-1]) <= 1:
+        bad = torch.cat([bad, torch.tensor([True])])
+    if bool(bad.any()) or not bool(torch.isfinite(betas).all()):
+        index = int(bad.nonzero()[0]) if bool(bad.any()) else int((~torch.isfinite(betas)).nonzero()[0])
+        raise ValueError(
+            f"beta at timestep {index} is {float(betas[index])!r}; every beta must lie strictly between 0 and 1 "
+            "(check beta_start, beta_end and trained_betas)."
+        )
 
 
 def _rescale_to_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -127,3 +158,150 @@ def dynamic_threshold(pred_original_sample: torch.Tensor, ratio: float, max_valu
         flat = flat.float()  # quantile needs float32 or float64
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (flat.clamp(-s, s) / s).reshape(pred_original_sample.shape).to(dtype)
+
+
+class DiscreteDiffusionScheduler(SchedulerMixin, ConfigMixin):
+    """What DDPM and DDIM share: the forward process over `num_train_timesteps` integer timesteps and the grid
+    of timesteps a sampler visits. Subclasses call `_init_noise_schedule()` from their `__init__` and write `step`.
+
+    Before `set_timesteps` the schedule is the whole training chain T-1, ..., 0, as in diffusers.
+    """
+
+    _compatibles = [scheduler.name for scheduler in KarrasDiffusionSchedulers]
+    order = 1
+
+    def _init_noise_schedule(self) -> None:
+        config = self.config
+        check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", config.timestep_spacing, TIMESTEP_SPACINGS)
+        steps_offset = config.steps_offset
+        if not isinstance(steps_offset, int) or isinstance(steps_offset, bool) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}.")
+        if config.clip_sample and not config.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {config.clip_sample_range!r}.")
+        if config.thresholding and not (0 <= config.dynamic_thresholding_ratio <= 1 and config.sample_max_value > 0):
+            raise ValueError(
+                "thresholding needs 0 <= dynamic_thresholding_ratio <= 1 and sample_max_value > 0, got "
+                f"{config.dynamic_thresholding_ratio!r} and {config.sample_max_value!r}."
+            )
+        self.betas = make_betas(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas,
+            config.rescale_betas_zero_snr,
+        )
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self.timesteps = torch.arange(config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._schedule = None  # None: the training chain, each timestep followed by the one below it
+        self._position = {}
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """The model sees x_t unscaled; present for interchangeability with other schedulers."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the timesteps to sample with: `num_inference_steps` of them, spaced per
+        `config.timestep_spacing`, or a custom strictly descending list `timesteps` in [0, num_train_timesteps)."""
+        num_train_timesteps = self.config.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("Pass either `num_inference_steps` or custom `timesteps` to set_timesteps, not both.")
+            schedule = np.asarray(timesteps.cpu() if torch.is_tensor(timesteps) else timesteps)
+            if schedule.ndim != 1 or len(schedule) == 0 or not np.issubdtype(schedule.dtype, np.integer):
+                raise ValueError(f"custom timesteps must be a non-empty list of ints, got {timesteps!r}.")
+            if (np.diff(schedule) >= 0).any():
+                raise ValueError(f"custom timesteps must be in strictly descending order, got {schedule.tolist()}.")
+            if schedule[0] >= num_train_timesteps or schedule[-1] < 0:
+                raise ValueError(
+                    f"custom timesteps must lie in [0, {num_train_timesteps - 1}] (num_train_timesteps="
+                    f"{num_train_timesteps}), got {schedule.tolist()}."
+                )
+            schedule = schedule.astype(np.int64)
+            self.custom_timesteps = True
+        else:
+            config = self.config
+            schedule = inference_timesteps(
+                num_train_timesteps, num_inference_steps, config.timestep_spacing, config.steps_offset
+            )
+            self.custom_timesteps = False
+        self.num_inference_steps = len(schedule)
+        self.timesteps = torch.from_numpy(schedule).to(device)
+        self._schedule = schedule.tolist()
+        self._position = {t: i for i, t in enumerate(self._schedule)}
+
+    def _timestep_int(self, timestep: int | torch.Tensor) -> int:
+        """`timestep` (a Python or numpy int, or a one-element integer tensor) as an int in [0, T)."""
+        if torch.is_tensor(timestep) and timestep.numel() == 1 and not timestep.is_floating_point():
+            timestep = timestep.item()
+        try:
+            value = operator.index(timestep)
+        except TypeError:
+            value = None
+        if value is None or isinstance(timestep, bool) or not 0 <= value < self.config.num_train_timesteps:
+            raise ValueError(
+                f"timestep must be one integer in [0, {self.config.num_train_timesteps - 1}] (an entry of "
+                f"`scheduler.timesteps`), got {timestep!r}."
+            )
+        return value
+
+    def _scheduled_timestep(self, timestep: int | torch.Tensor) -> int:
+        """`timestep` as an int, refusing anything that is not in the schedule set by `set_timesteps`."""
+        if self.num_inference_steps is None:
+            raise ValueError("Call `set_timesteps(num_inference_steps)` before `step`.")
+        try:
+            value = self._timestep_int(timestep)
+        except ValueError:
+            value = None
+        if value not in self._position:
+            raise ValueError(
+                f"timestep {timestep!r} is not in the schedule set by set_timesteps ({self.num_inference_steps} "
+                f"integer steps, from {self._schedule[0]} down to {self._schedule[-1]})."
+            )
+        return value
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The timestep the chain goes to from `timestep`, -1 meaning the clean sample x_0: the next one of the
+        schedule, the next lower one for a timestep between two scheduled ones, t - 1 before `set_timesteps`."""
+        t = self._timestep_int(timestep)
+        if self._schedule is None:
+            return t - 1
+        position = self._position.get(t)
+        if position is not None:
+            position += 1
+        else:
+            # The schedule descends; bisect on its negation finds the first scheduled timestep below t.
+            position = bisect.bisect_right([-s for s in self._schedule], -t)
+        return self._schedule[position] if position < len(self._schedule) else -1
+
+    def _clip_or_threshold(self, pred_original_sample: torch.Tensor) -> torch.Tensor:
+        """Keep the predicted x_0 in the data range: dynamic thresholding, or clipping to +-clip_sample_range."""
+        config = self.config
+        if config.thresholding:
+            return dynamic_threshold(pred_original_sample, config.dynamic_thresholding_ratio, config.sample_max_value)
+        if config.clip_sample:
+            return pred_original_sample.clamp(-config.clip_sample_range, config.clip_sample_range)
+        return pred_original_sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process, Ho et al. 2020 eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, original_samples)
+        return signal * original_samples + noise_level * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target, Salimans & Ho 2022, Sec. 4: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
+        signal, noise_level = forward_coefficients(self.alphas_cumprod, timesteps, sample)
+        return signal * noise - noise_level * sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
