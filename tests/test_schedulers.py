@@ -658,3 +658,21 @@ def test_ddim_bad_step_arguments():
         scheduler.step(sample, timestep, sample, eta=1.0, generator=torch.Generator(), variance_noise=sample)
     with pytest.raises(ValueError, match="variance_noise has shape"):
         scheduler.step(sample, timestep, sample, eta=1.0, variance_noise=sample[:1])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(beta_end=2.0), dict(beta_end=1.0), dict(beta_start=0.0), dict(beta_start=-0.01),
+     dict(beta_schedule="scaled_linear", beta_end=1.5), dict(trained_betas=[0.5, float("nan")], num_train_timesteps=2)],
+)
+@pytest.mark.parametrize("scheduler_class", DISCRETE)
+def test_schedule_that_cannot_be_a_diffusion_is_refused(scheduler_class, config):
+    """Every beta must lie in (0, 1): abar_t then stays positive and falls with t (beta_end = 1 samples NaN)."""
+    with pytest.raises(ValueError, match=r"beta at timestep \d+ is .*strictly between 0 and 1"):
+        scheduler_class(**config)
+
+
+def test_zero_terminal_snr_may_end_on_beta_one():
+    scheduler = ScratchDDPMScheduler(rescale_betas_zero_snr=True)
+    assert float(scheduler.betas[-1]) == 1.0 and float(scheduler.alphas_cumprod[-1]) == 0.0
+    assert bool((scheduler.alphas_cumprod[:-1] > 0).all()) and bool((scheduler.alphas_cumprod.diff() < 0).all())
