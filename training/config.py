@@ -421,8 +421,9 @@ def check_loop_settings(config) -> None:
 def check_config(config: Config) -> None:
     """Refuse combinations that would fail (or silently mislead) only after training started."""
     model_cls = model_class(config.model.architecture)
-    presets = importlib.import_module(model_cls.__module__).PRESETS
-    if config.model.preset not in presets:
+    module = importlib.import_module(model_cls.__module__)
+    presets, renamed = module.PRESETS, getattr(module, "RENAMED_PRESETS", {})
+    if config.model.preset not in presets and config.model.preset not in renamed:
         raise ConfigError(
             f"model.preset {config.model.preset!r} is not a {config.model.architecture} preset; available: {sorted(presets)}."
         )
