@@ -256,7 +256,7 @@ PRESETS = {
     "tiny": dict(patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2),
     # Parameter-matched to the UNet and MMDiT "iso-1.7m" presets for the fair comparison.
     "iso-1.7m": dict(patch_size=4, hidden_size=128, num_layers=6, num_attention_heads=4, num_kv_heads=2),
-    # A quick real-training size; same width and depth as the diffusers reference in PERFORMANCE.md.
+    # A quick real-training size; the width and depth of the `DiTTransformer2DModel` in benchmarks/bench_models.py.
     "small": dict(patch_size=4, hidden_size=192, num_layers=6, num_attention_heads=6, num_kv_heads=2),
     # This class's defaults: 512 wide, 6 deep, 8 heads sharing 2 K/V heads. Patch 2 as DiT's best models (DiT-*/2):
     # at 28x28 / 32x32 that gives 196 / 256 tokens, the token count of DiT on 256px latents.
