@@ -136,6 +136,38 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert not [p for p in Path(tmp_path).iterdir() if p.name != "config.yaml"]  # no temporary file left
 
 
+def leaf_keys(cls, prefix=""):
+    """The dotted keys a user can set in dataclass config `cls`."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        nested = dataclasses.is_dataclass(hints[f.name])
+        keys += leaf_keys(hints[f.name], f"{prefix}{f.name}.") if nested else [prefix + f.name]
+    return keys
+
+
+@pytest.mark.parametrize("command", ["training.train", "training.train_lora"])
+def test_help_describes_every_key_of_both_commands(command, capsys):
+    import importlib
+
+    module = importlib.import_module(command)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {}
+    for i, line in enumerate(lines):
+        if line.startswith("  --"):
+            shown[line.split()[0][2:]] = lines[i + 1] if i + 1 < len(lines) else ""
+    cls = Config if command == "training.train" else module.LoraTrainingConfig
+    assert sorted(shown) == sorted(leaf_keys(cls)) and len(shown) >= 60
+    undescribed = [key for key, description in shown.items() if not description.startswith("      ") or not description.strip()]
+    assert not undescribed, f"keys without a description in --help: {undescribed}"
+
+
 def test_help_lists_every_key_with_its_default_and_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_config(["--help"])
