@@ -4,6 +4,7 @@ Patchify -> 2D sin-cos positions -> adaLN-Zero transformer blocks conditioned on
 adaLN final layer -> unpatchify. Attention uses `num_kv_heads` shared K/V heads (Ainslie et al. 2023).
 """
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -201,6 +202,11 @@ class ScratchDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ScratchDiTModel":
         """Build a model from a named size preset in `PRESETS`, with config overrides."""
+        if name in RENAMED_PRESETS:
+            warnings.warn(
+                f"DiT preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.", FutureWarning
+            )
+            name = RENAMED_PRESETS[name]
         if name not in PRESETS:
             raise ValueError(f"Unknown DiT preset {name!r}; available: {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -250,9 +256,11 @@ PRESETS = {
     "tiny": dict(patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2),
     # Parameter-matched to the UNet and MMDiT "iso-1.7m" presets for the fair comparison.
     "iso-1.7m": dict(patch_size=4, hidden_size=128, num_layers=6, num_attention_heads=4, num_kv_heads=2),
-    # A quick real-training size; same width and depth as the diffusers reference in PERFORMANCE.md.
+    # A quick real-training size; the width and depth of the `DiTTransformer2DModel` in benchmarks/bench_models.py.
     "small": dict(patch_size=4, hidden_size=192, num_layers=6, num_attention_heads=6, num_kv_heads=2),
-    # Seed 000's defaults (= this class's defaults). Patch 2 as DiT's best models (DiT-*/2): at 28x28 / 32x32
-    # that gives 196 / 256 tokens, the token count of DiT on 256px latents.
-    "seed000": dict(patch_size=2, hidden_size=512, num_layers=6, num_attention_heads=8, num_kv_heads=2),
+    # This class's defaults: 512 wide, 6 deep, 8 heads sharing 2 K/V heads. Patch 2 as DiT's best models (DiT-*/2):
+    # at 28x28 / 32x32 that gives 196 / 256 tokens, the token count of DiT on 256px latents.
+    "large": dict(patch_size=2, hidden_size=512, num_layers=6, num_attention_heads=8, num_kv_heads=2),
 }
+# Old names, still built (with a FutureWarning) because a run's saved config.yaml records `model.preset`.
+RENAMED_PRESETS = {"seed000": "large"}

@@ -324,6 +324,6 @@ PRESETS = {
     "tiny": dict(patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, num_class_tokens=2),
     # Parameter-matched to the UNet and DiT "iso-1.7m" presets for the fair comparison.
     "iso-1.7m": dict(patch_size=4, hidden_size=112, num_layers=4, num_attention_heads=4, num_kv_heads=4, num_class_tokens=4),
-    # A quick real-training size; same width and depth as the diffusers SD3 reference in PERFORMANCE.md.
+    # A quick real-training size; the width and depth of the `SD3Transformer2DModel` in benchmarks/bench_models.py.
     "small": dict(patch_size=4, hidden_size=192, num_layers=6, num_attention_heads=6, num_kv_heads=6, num_class_tokens=4),
 }

@@ -7,6 +7,7 @@ self-attention over the H x W tokens, optionally followed by cross-attention to 
 learned class tokens (`class_conditioning="cross_attention"`) and/or external `encoder_hidden_states`.
 """
 
+import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -294,6 +295,11 @@ class ScratchUNetModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ScratchUNetModel":
         """Build a named size preset (see `PRESETS`), with any config key overridden."""
+        if name in RENAMED_PRESETS:
+            warnings.warn(
+                f"UNet preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.", FutureWarning
+            )
+            name = RENAMED_PRESETS[name]
         if name not in PRESETS:
             raise ValueError(f"Unknown UNet preset {name!r}; available: {sorted(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
@@ -390,18 +396,26 @@ class ScratchUNetModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 # Size presets (parameter counts for in_channels=1, num_classes=10)
 # --------------------------------------------------------------------------------------------------
 PRESETS: Dict[str, dict] = {
+    # For tests: < 100k parameters.
     "tiny": dict(
         block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True), num_attention_heads=2,
         norm_num_groups=4, time_embedding_dim=32,
     ),
+    # Channels 32/64/128, one residual block per level, attention at the lowest resolution only (2.85M).
     "small": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, False, True)),
+    # Parameter-matched to the DiT and MMDiT "iso-1.7m" presets for the fair comparison.
     "iso-1.7m": dict(
         block_out_channels=(24, 48, 96), layers_per_block=1, attention_levels=(False, True, True), time_embedding_dim=128,
     ),
+    # Small with attention at the two lower resolutions: the layout of diffusers' `UNet2DModel` 32/64/128 (2.90M).
     "medium": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, True, True)),
-    "seed000-mha": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_levels=(False, True, True)),
-    "seed003": dict(
+    # Twice medium's channels and two residual blocks per level (16.8M), multi-head attention at the two lower levels.
+    "large": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_levels=(False, True, True)),
+    # Medium, conditioned on the class through cross-attention to 4 learned class tokens (as SD1 attends to text).
+    "medium-cross-attention": dict(
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, True, True),
         num_classes=10, class_conditioning="cross_attention", num_class_tokens=4,
     ),
 }
+# Old names, still built (with a FutureWarning) because a run's saved config.yaml records `model.preset`.
+RENAMED_PRESETS = {"seed000-mha": "large", "seed003": "medium-cross-attention"}

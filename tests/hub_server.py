@@ -1,6 +1,6 @@
 """A small in-memory Hugging Face Hub on 127.0.0.1, enough for `push_to_hub` and `from_pretrained` of model repos.
 
-It answers the endpoints huggingface_hub 2.4 uses (see shared design notes, HF_INTEGRATION.md):
+It answers the endpoints huggingface_hub 2.4 uses (found by running its push and download against a logging server):
 create a repo, preupload (every file "regular", i.e. inline in the commit), commit (NDJSON with base64
 files), validate YAML, repo info, file tree, and `resolve` (HEAD/GET) with `X-Repo-Commit` and `ETag`.
 Bounded: loopback only, request bodies up to `MAX_BODY_BYTES`, and it shuts itself down after

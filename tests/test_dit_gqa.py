@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from custom_models.attention import Attention
-from custom_models.dit_gqa import PRESETS, ScratchDiTModel, patchify, unpatchify
+from custom_models.dit_gqa import PRESETS, RENAMED_PRESETS, ScratchDiTModel, patchify, unpatchify
 from custom_models.embeddings import sincos_2d_position_embedding
 
 
@@ -129,7 +129,16 @@ def test_config_errors():
 def test_preset_sizes():
     with torch.device("meta"):  # counts only: skip allocating and initialising 27M parameters
         counts = {name: sum(p.numel() for p in ScratchDiTModel.from_preset(name).parameters()) for name in PRESETS}
-    assert counts == {"tiny": 48_528, "iso-1.7m": 1_770_000, "small": 3_871_120, "seed000": 26_923_524}
-    assert PRESETS["seed000"] == dict(patch_size=2, hidden_size=512, num_layers=6, num_attention_heads=8, num_kv_heads=2)
+    assert counts == {"tiny": 48_528, "iso-1.7m": 1_770_000, "small": 3_871_120, "large": 26_923_524}
+    assert PRESETS["large"] == dict(patch_size=2, hidden_size=512, num_layers=6, num_attention_heads=8, num_kv_heads=2)
     defaults = inspect.signature(ScratchDiTModel.__init__).parameters
-    assert {key: defaults[key].default for key in PRESETS["seed000"]} == PRESETS["seed000"]
+    assert {key: defaults[key].default for key in PRESETS["large"]} == PRESETS["large"]
+
+
+def test_renamed_preset_still_builds_with_a_warning_naming_the_new_name():
+    # A run's config.yaml records `model.preset`: configs saved before the rename keep training and resuming.
+    assert RENAMED_PRESETS == {"seed000": "large"} and "seed000" not in PRESETS
+    with torch.device("meta"), pytest.warns(FutureWarning, match="DiT preset 'seed000' is now called 'large'"):
+        model = ScratchDiTModel.from_preset("seed000", sample_size=28)
+    with torch.device("meta"):
+        assert dict(model.config) == dict(ScratchDiTModel.from_preset("large", sample_size=28).config)

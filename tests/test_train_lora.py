@@ -229,7 +229,7 @@ def test_bold_digits_are_a_grey_scale_dilation_with_more_ink():
 def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, capsys):
     config = load_lora_config(["--config", str(RECIPE)])
     assert config.output_dir == "outputs/lora_bold_digits" and config.data.dilate_strokes == 1 and config.ema.enabled is False
-    assert "seed row" in RECIPE.read_text().splitlines()[0].lower()
+    assert "--config configs/lora/bold_digits.yaml" in RECIPE.read_text()
 
     with pytest.raises(SystemExit) as exit_info:
         cli(["--config", str(RECIPE), "--base.pretrained_model_name_or_path", "null", "--output_dir", str(tmp_path / "x")])

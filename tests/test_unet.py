@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from custom_models.unet import PRESETS, ScratchUNetModel, UNetAttentionBlock, UNetResnetBlock
+from custom_models.unet import PRESETS, RENAMED_PRESETS, ScratchUNetModel, UNetAttentionBlock, UNetResnetBlock
 
 TINY = dict(block_out_channels=(8, 16), attention_levels=(False, True), num_attention_heads=2,
             norm_num_groups=4, time_embedding_dim=32)
@@ -217,7 +217,7 @@ def count(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(
     "name, low, high",
-    [("tiny", 10_000, 100_000), ("small", 1_000_000, 3_000_000), ("iso-1.7m", 1_600_000, 1_800_000), ("seed003", 1_000_000, 4_000_000)],
+    [("tiny", 10_000, 100_000), ("small", 1_000_000, 3_000_000), ("iso-1.7m", 1_600_000, 1_800_000), ("medium-cross-attention", 1_000_000, 4_000_000)],
 )
 def test_preset_sizes(name, low, high):
     model = ScratchUNetModel.from_preset(name, num_classes=10)
@@ -236,12 +236,21 @@ def test_medium_preset_matches_the_diffusers_reference_size():
     assert abs(count(ours) / count(reference) - 1) < 0.05
 
 
-def test_seed003_preset_uses_class_cross_attention():
-    model = ScratchUNetModel.from_preset("seed003")
+def test_medium_cross_attention_preset_uses_class_cross_attention():
+    model = ScratchUNetModel.from_preset("medium-cross-attention")
     assert model.config.class_conditioning == "cross_attention" and model.config.num_classes == 10
+
+
+@pytest.mark.parametrize("old, new", [("seed000-mha", "large"), ("seed003", "medium-cross-attention")])
+def test_renamed_presets_still_build_with_a_warning_naming_the_new_name(old, new):
+    # A run's config.yaml records `model.preset`: configs saved before the rename keep training and resuming.
+    assert RENAMED_PRESETS[old] == new and old not in PRESETS
+    with pytest.warns(FutureWarning, match=f"UNet preset '{old}' is now called '{new}'"):
+        model = ScratchUNetModel.from_preset(old, sample_size=32)
+    assert dict(model.config) == dict(ScratchUNetModel.from_preset(new, sample_size=32).config)
 
 
 def test_unknown_preset_lists_the_names():
     with pytest.raises(ValueError, match="available: .*iso-1.7m"):
         ScratchUNetModel.from_preset("huge")
-    assert {"tiny", "small", "iso-1.7m", "seed000-mha", "seed003"} <= set(PRESETS)
+    assert {"tiny", "small", "iso-1.7m", "medium", "large", "medium-cross-attention"} == set(PRESETS)

@@ -65,6 +65,11 @@ def bounded(default, minimum=None, maximum=None, doc=""):
     return field(default=default, metadata={"min": minimum, "max": maximum, "doc": doc})
 
 
+def described(default=dataclasses.MISSING, doc="", default_factory=dataclasses.MISSING):
+    """A key with no limits; `doc` is its line in `--help`."""
+    return field(default=default, default_factory=default_factory, metadata={"doc": doc})
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------
@@ -72,151 +77,181 @@ def bounded(default, minimum=None, maximum=None, doc=""):
 class ModelConfig:
     """The denoiser: an architecture, one of its size presets, and config keys overriding the preset."""
 
-    architecture: str = choice("unet", ARCHITECTURES)
-    preset: str = "small"
-    # Any constructor argument of the architecture's model class (checked against its signature).
-    overrides: dict = field(default_factory=dict)
-    # Folder of a trained `AutoencoderKL` (from `training/train_vae.py`): train in its latent space.
-    vae: Optional[str] = None
+    architecture: str = choice(
+        "unet", ARCHITECTURES, doc="the denoiser: ScratchUNetModel, ScratchDiTModel (grouped-query attention), ScratchMMDiTModel"
+    )
+    preset: str = described(
+        "small", doc="a size preset of the architecture (`PRESETS` in custom_models/unet.py, dit_gqa.py, mmdit.py)"
+    )
+    overrides: dict = described(
+        default_factory=dict,
+        doc="constructor arguments of the model class replacing the preset's, e.g. {dropout: 0.1}",
+    )
+    vae: Optional[str] = described(
+        None, doc="folder of a trained AutoencoderKL (`python -m training.train_vae`): train in its latent space; null: pixels"
+    )
 
 
 @dataclass
 class ObjectiveConfig:
     """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
 
-    name: str = choice("ddpm", OBJECTIVES)
-    # DDPM family: the noise schedule and the prediction target.
-    prediction_type: str = choice("epsilon", PREDICTION_TYPES)
-    num_train_timesteps: int = bounded(1000, 1)
-    beta_schedule: str = choice("linear", BETA_SCHEDULES)
-    beta_start: float = bounded(0.0001, 0.0, 1.0)
-    beta_end: float = bounded(0.02, 0.0, 1.0)
-    # Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it.
-    snr_gamma: Optional[float] = bounded(None, 0.0)
-    # Flow matching: how sigma in (0, 1) is drawn (SD3's choices).
-    timestep_sampling: str = choice("uniform", TIMESTEP_SAMPLINGS)
-    logit_mean: float = 0.0
-    logit_std: float = bounded(1.0, 0.0)
-    mode_scale: float = 1.29
-    loss: str = choice("mse", LOSSES)
-    # Classifier-free guidance training: probability of replacing a label by the null label.
-    label_dropout: float = bounded(0.1, 0.0, 1.0)
+    name: str = choice(
+        "ddpm", OBJECTIVES, doc="ddpm: the DDPM family (noise schedule + prediction target); flow_matching: rectified flow"
+    )
+    prediction_type: str = choice(
+        "epsilon", PREDICTION_TYPES, doc="DDPM family: the model predicts the noise (epsilon), v (Salimans & Ho 2022) or the clean image (sample)"
+    )
+    num_train_timesteps: int = bounded(
+        1000, 1, doc="DDPM family: steps of the noise schedule; flow matching: the model sees timestep sigma x this"
+    )
+    beta_schedule: str = choice(
+        "linear", BETA_SCHEDULES, doc="DDPM family: how the noise variances beta rise (squaredcos_cap_v2: the cosine schedule)"
+    )
+    beta_start: float = bounded(0.0001, 0.0, 1.0, doc="DDPM family: the first beta of the linear and scaled_linear schedules")
+    beta_end: float = bounded(0.02, 0.0, 1.0, doc="DDPM family: the last beta of the linear and scaled_linear schedules")
+    snr_gamma: Optional[float] = bounded(
+        None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it"
+    )
+    timestep_sampling: str = choice(
+        "uniform", TIMESTEP_SAMPLINGS, doc="flow matching: how sigma in (0, 1) is drawn (SD3's choices)"
+    )
+    logit_mean: float = described(0.0, doc="flow matching, logit_normal: mean of the normal whose sigmoid is sigma")
+    logit_std: float = bounded(1.0, 0.0, doc="flow matching, logit_normal: standard deviation of that normal")
+    mode_scale: float = described(1.29, doc="flow matching, mode: SD3's scale of the mode density (0 is uniform)")
+    loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
+    label_dropout: float = bounded(
+        0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"
+    )
 
 
 @dataclass
 class DataConfig:
     """The training images: the shipped MNIST, a Hub dataset id, or a local image folder (one subfolder per class)."""
 
-    dataset: str = "mnist"
-    train_split: str = "train"
-    # Split for the EMA validation loss; null holds out the last `num_validation_samples` training images.
-    validation_split: Optional[str] = "test"
-    num_validation_samples: int = bounded(256, 0)
-    # Column names; null finds them (image/img, label/labels).
-    image_column: Optional[str] = None
-    label_column: Optional[str] = None
-    channels: int = choice(1, (1, 3))
-    # Resize (shorter side) and centre-crop to this size; null keeps the images' size.
-    resolution: Optional[int] = bounded(None, 1)
-    # Zero-pad to this size after resizing (MNIST 28 -> 32 for models that halve the size three times).
-    pad_to: Optional[int] = bounded(None, 1)
-    random_flip: bool = False
-    # Use only the first N training images (tests, quick experiments); null uses them all.
-    max_train_samples: Optional[int] = bounded(None, 1)
-    num_workers: int = bounded(0, 0)
+    dataset: str = described(
+        "mnist", doc="mnist (the shipped copy), a Hub dataset id, or a local folder (a subfolder per class, or a saved dataset)"
+    )
+    train_split: str = described("train", doc="the split to train on")
+    validation_split: Optional[str] = described(
+        "test", doc="split for the EMA validation loss; null holds out the last num_validation_samples training images"
+    )
+    num_validation_samples: int = bounded(
+        256, 0, doc="validation images: the first of validation_split (0: all of it), or held-out training images (0: none)"
+    )
+    image_column: Optional[str] = described(None, doc="name of the image column; null finds it (image / img)")
+    label_column: Optional[str] = described(None, doc="name of the label column; null finds it (label / labels)")
+    channels: int = choice(1, (1, 3), doc="image channels the model sees: 1 (grey) or 3 (RGB); images are converted")
+    resolution: Optional[int] = bounded(
+        None, 1, doc="resize (shorter side) and centre-crop to this size; null keeps the images' size"
+    )
+    pad_to: Optional[int] = bounded(
+        None, 1, doc="zero-pad to this size after resizing (MNIST 28 -> 32 for models that halve it 3 times); null: no padding"
+    )
+    random_flip: bool = described(False, doc="mirror training images left-right with probability 1/2 (leave off for digits)")
+    max_train_samples: Optional[int] = bounded(
+        None, 1, doc="use only the first N training images (tests, quick experiments); null uses them all"
+    )
+    num_workers: int = bounded(0, 0, doc="DataLoader worker processes; 0 loads in the training process")
 
 
 @dataclass
 class OptimConfig:
     """AdamW, a warmup + decay learning-rate schedule from `diffusers.optimization`, gradient clipping."""
 
-    learning_rate: float = bounded(1e-3, 0.0)
-    adam_beta1: float = bounded(0.9, 0.0, 1.0)
-    adam_beta2: float = bounded(0.999, 0.0, 1.0)
-    adam_epsilon: float = bounded(1e-8, 0.0)
-    weight_decay: float = bounded(0.0, 0.0)
-    lr_scheduler: str = choice("cosine", LR_SCHEDULERS)
-    lr_warmup_steps: int = bounded(0, 0)
-    # Clip the global gradient norm to this value; null disables clipping.
-    max_grad_norm: Optional[float] = bounded(1.0, 0.0)
+    learning_rate: float = bounded(1e-3, 0.0, doc="AdamW's learning rate after warm-up")
+    adam_beta1: float = bounded(0.9, 0.0, 1.0, doc="AdamW's decay of the gradient average")
+    adam_beta2: float = bounded(0.999, 0.0, 1.0, doc="AdamW's decay of the squared-gradient average")
+    adam_epsilon: float = bounded(1e-8, 0.0, doc="AdamW's term added to the denominator")
+    weight_decay: float = bounded(0.0, 0.0, doc="AdamW's decoupled weight decay")
+    lr_scheduler: str = choice(
+        "cosine", LR_SCHEDULERS, doc="the learning-rate schedule after warm-up (`diffusers.optimization.get_scheduler`)"
+    )
+    lr_warmup_steps: int = bounded(0, 0, doc="optimizer steps of linear warm-up from 0")
+    max_grad_norm: Optional[float] = bounded(1.0, 0.0, doc="clip the global gradient norm to this value; null disables clipping")
 
 
 @dataclass
 class TrainConfig:
     """Batch, length and hardware switches of the run."""
 
-    # Per process; the global batch is batch_size * num_processes * gradient_accumulation_steps.
-    batch_size: int = bounded(128, 1)
-    gradient_accumulation_steps: int = bounded(1, 1)
-    num_epochs: int = bounded(10, 1)
-    # Stop after this many optimizer steps even if epochs remain; null trains all epochs.
-    max_steps: Optional[int] = bounded(None, 1)
-    seed: int = 0
-    # auto: no on CPU; bf16 on GPUs that support it, else fp16.
-    mixed_precision: str = choice("auto", MIXED_PRECISIONS)
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    allow_tf32: bool = True
-    log_every_steps: int = bounded(50, 1)
-    report_to: str = choice("tensorboard", TRACKERS)
+    batch_size: int = bounded(
+        128, 1, doc="images per step and process; the global batch is batch_size x processes x gradient_accumulation_steps"
+    )
+    gradient_accumulation_steps: int = bounded(1, 1, doc="batches whose gradients add up to one optimizer step")
+    num_epochs: int = bounded(10, 1, doc="passes over the training images")
+    max_steps: Optional[int] = bounded(
+        None, 1, doc="stop after this many optimizer steps even if epochs remain; null trains all epochs"
+    )
+    seed: int = described(0, doc="seed of the initial weights, the data order, the noise and the label dropout")
+    mixed_precision: str = choice(
+        "auto", MIXED_PRECISIONS, doc="accelerate's mixed precision; auto: no on CPU, bf16 on GPUs that support it, else fp16"
+    )
+    gradient_checkpointing: bool = described(False, doc="recompute activations in the backward pass: less memory, more time")
+    compile: bool = described(False, doc="`torch.compile` the model")
+    allow_tf32: bool = described(True, doc="allow TF32 matrix multiplications and convolutions on GPUs that have them")
+    log_every_steps: int = bounded(50, 1, doc="log the mean loss and the learning rate every N optimizer steps")
+    report_to: str = choice("tensorboard", TRACKERS, doc="tracker writing the logs to output_dir/logs/, or none")
 
 
 @dataclass
 class EMAConfig:
     """Exponential moving average of the weights (`diffusers.training_utils.EMAModel`)."""
 
-    enabled: bool = True
-    decay: float = bounded(0.9999, 0.0, 1.0)
-    # Warm-up decay 1 - (1 + step / inv_gamma) ** -power: short runs need it to leave the initial weights.
-    use_warmup: bool = True
-    inv_gamma: float = bounded(1.0, 0.0)
-    power: float = bounded(0.75, 0.0)
-    update_after_step: int = bounded(0, 0)
+    enabled: bool = described(True, doc="keep an exponential moving average of the weights; evaluation and best/, last/ use it")
+    decay: float = bounded(0.9999, 0.0, 1.0, doc="the EMA's decay (its highest, with warm-up)")
+    use_warmup: bool = described(
+        True, doc="warm-up decay 1 - (1 + step / inv_gamma) ** -power: short runs need it to leave the initial weights"
+    )
+    inv_gamma: float = bounded(1.0, 0.0, doc="warm-up: the step scale inv_gamma")
+    power: float = bounded(0.75, 0.0, doc="warm-up: the exponent power")
+    update_after_step: int = bounded(0, 0, doc="start averaging after this many optimizer steps")
 
 
 @dataclass
 class EvalConfig:
     """Sample grids, denoising GIFs, validation loss and (optional) quality metrics, every few epochs."""
 
-    every_epochs: int = bounded(1, 1)
-    # auto: DDIM for the DDPM family, Euler for flow matching.
-    sampler: str = choice("auto", SAMPLERS)
-    num_inference_steps: int = bounded(50, 1)
-    guidance_scale: float = bounded(2.0, 0.0)
-    images_per_class: int = bounded(8, 1)
-    seed: int = 0
-    gif: bool = True
-    # Samples per class for FID / GAN-test accuracy (`training/evaluation.py`); 0 skips the metrics.
-    fid_n: int = bounded(0, 0)
-    batch_size: int = bounded(256, 1)
+    every_epochs: int = bounded(1, 1, doc="evaluate every N epochs, and at the end")
+    sampler: str = choice("auto", SAMPLERS, doc="the sampling scheduler; auto: DDIM for the DDPM family, Euler for flow matching")
+    num_inference_steps: int = bounded(50, 1, doc="sampling steps")
+    guidance_scale: float = bounded(2.0, 0.0, doc="classifier-free guidance scale; 1 is a single conditional pass")
+    images_per_class: int = bounded(8, 1, doc="samples per class in the grid (one row per class)")
+    seed: int = described(0, doc="seed of the sampling noise (the same at every evaluation)")
+    gif: bool = described(True, doc="also write a GIF of the denoising")
+    fid_n: int = bounded(
+        0, 0, doc="samples per class for FID-MNIST and GAN-test accuracy (the shipped MNIST classifier); 0 skips the metrics"
+    )
+    batch_size: int = bounded(256, 1, doc="images per batch when sampling and computing the validation loss")
 
 
 @dataclass
 class CheckpointConfig:
     """Resumable training state (`accelerator.save_state`, EMA included), written atomically."""
 
-    # Save every N optimizer steps; 0 saves none.
-    every_steps: int = bounded(500, 0)
-    # Keep only the newest N checkpoints; null keeps all.
-    checkpoints_total_limit: Optional[int] = bounded(3, 1)
-    # "latest" (the newest complete checkpoint in output_dir, if any) or a checkpoint folder.
-    resume_from_checkpoint: Optional[str] = None
+    every_steps: int = bounded(500, 0, doc="save the resumable training state every N optimizer steps; 0 saves none")
+    checkpoints_total_limit: Optional[int] = bounded(3, 1, doc="keep only the newest N checkpoints; null keeps all")
+    resume_from_checkpoint: Optional[str] = described(
+        None, doc="'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder; null starts afresh"
+    )
 
 
 @dataclass
 class HubConfig:
     """Publishing `best/` to the Hugging Face Hub at the end of training."""
 
-    push_to_hub: bool = False
-    hub_model_id: Optional[str] = None
-    private: bool = False
+    push_to_hub: bool = described(False, doc="upload best/ with its model card to the Hub at the end")
+    hub_model_id: Optional[str] = described(None, doc="the repo to push to, e.g. user/mnist-dit")
+    private: bool = described(False, doc="create the repo as private")
 
 
 @dataclass
 class Config:
     """A whole training run."""
 
-    output_dir: str = "outputs/run"
+    output_dir: str = described(
+        "outputs/run", doc="folder for config.yaml, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ pipelines"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -356,12 +391,15 @@ def load_recipe(path: Union[str, os.PathLike]) -> dict:
 
 
 def describe_keys(cls, prefix: str = "") -> list[str]:
-    """One line per configurable key of dataclass `cls`: dotted name, type, default, allowed values, doc."""
+    """Two lines per configurable key of dataclass `cls`: dotted name, type, default and allowed values; its doc.
+
+    Each section starts with a heading line: its name and the first line of its class docstring."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
         if dataclasses.is_dataclass(annotation):
+            lines += ["", f"{prefix}{f.name}: {inspect.getdoc(annotation).splitlines()[0]}"]
             lines += describe_keys(annotation, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -369,9 +407,7 @@ def describe_keys(cls, prefix: str = "") -> list[str]:
         line = f"  --{prefix}{f.name} ({type_name}, default {default!r})"
         if "choices" in f.metadata:
             line += f" one of {list(f.metadata['choices'])}"
-        if f.metadata.get("doc"):
-            line += f": {f.metadata['doc']}"
-        lines.append(line)
+        lines += [line, f"      {f.metadata.get('doc', '')}"]
     return lines
 
 
@@ -421,8 +457,9 @@ def check_loop_settings(config) -> None:
 def check_config(config: Config) -> None:
     """Refuse combinations that would fail (or silently mislead) only after training started."""
     model_cls = model_class(config.model.architecture)
-    presets = importlib.import_module(model_cls.__module__).PRESETS
-    if config.model.preset not in presets:
+    module = importlib.import_module(model_cls.__module__)
+    presets, renamed = module.PRESETS, getattr(module, "RENAMED_PRESETS", {})
+    if config.model.preset not in presets and config.model.preset not in renamed:
         raise ConfigError(
             f"model.preset {config.model.preset!r} is not a {config.model.architecture} preset; available: {sorted(presets)}."
         )

@@ -48,6 +48,7 @@ from .config import (
     bounded,
     check_loop_settings,
     choice,
+    described,
     load_config,
     save_config,
 )
@@ -69,59 +70,71 @@ from .train import (
 class BaseModelConfig:
     """The pipeline to fine-tune: a folder written by `training/train.py` (e.g. `outputs/quickstart/best`) or a Hub id."""
 
-    pretrained_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
+    pretrained_model_name_or_path: Optional[str] = described(
+        None, doc="the pipeline to fine-tune: a folder written by training.train (e.g. outputs/quickstart/best) or a Hub id"
+    )
+    revision: Optional[str] = described(None, doc="Hub branch, tag or commit of the base; null: the default branch")
 
 
 @dataclass
 class LoraSettings:
     """The adapter (a peft `LoraConfig` on the denoiser): its size, strength and where it goes."""
 
-    rank: int = bounded(4, 1)
-    # The update B @ A is scaled by alpha / rank.
-    alpha: int = bounded(4, 1)
-    dropout: float = bounded(0.0, 0.0, 1.0)
-    # Module names (matched as name suffixes); null means the denoiser's `default_lora_target_modules`.
-    target_modules: Optional[list] = None
-    # UNet only: also adapt the residual blocks' convolutions (the model's `lora_conv_target_modules`).
-    include_conv: bool = False
+    rank: int = bounded(4, 1, doc="rank of the update B @ A added to each adapted weight")
+    alpha: int = bounded(4, 1, doc="the update B @ A is scaled by alpha / rank")
+    dropout: float = bounded(0.0, 0.0, 1.0, doc="dropout on the input of the LoRA branch")
+    target_modules: Optional[list] = described(
+        None, doc="module names (matched as name suffixes); null means the denoiser's `default_lora_target_modules`"
+    )
+    include_conv: bool = described(
+        False, doc="UNet only: also adapt the residual blocks' convolutions (the model's `lora_conv_target_modules`)"
+    )
 
 
 @dataclass
 class LoraObjectiveConfig:
     """The objective's free choices; the noise schedule and the prediction target come from the base pipeline."""
 
-    loss: str = choice("mse", LOSSES)
-    label_dropout: float = bounded(0.1, 0.0, 1.0)
-    # Min-SNR-gamma weighting, DDPM-family bases only; null disables it.
-    snr_gamma: Optional[float] = bounded(None, 0.0)
-    # Flow-matching bases: how sigma is drawn.
-    timestep_sampling: str = choice("uniform", TIMESTEP_SAMPLINGS)
-    logit_mean: float = 0.0
-    logit_std: float = bounded(1.0, 0.0)
-    mode_scale: float = 1.29
+    loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
+    label_dropout: float = bounded(
+        0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"
+    )
+    snr_gamma: Optional[float] = bounded(
+        None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM-family bases only; null disables it"
+    )
+    timestep_sampling: str = choice(
+        "uniform", TIMESTEP_SAMPLINGS, doc="flow-matching bases: how sigma in (0, 1) is drawn (SD3's choices)"
+    )
+    logit_mean: float = described(0.0, doc="flow-matching bases, logit_normal: mean of the normal whose sigmoid is sigma")
+    logit_std: float = bounded(1.0, 0.0, doc="flow-matching bases, logit_normal: standard deviation of that normal")
+    mode_scale: float = described(1.29, doc="flow-matching bases, mode: SD3's scale of the mode density (0 is uniform)")
 
 
 @dataclass
 class LoraDataConfig(DataConfig):
     """The training images, optionally transformed on the fly into the target domain."""
 
-    # Thicken light strokes on a dark background by this many pixels (grey-scale dilation); 0 keeps the images.
-    dilate_strokes: int = bounded(0, 0)
+    dilate_strokes: int = bounded(
+        0, 0, doc="thicken light strokes on a dark background by this many pixels (grey-scale dilation); 0 keeps the images"
+    )
 
 
 @dataclass
 class LoraEMAConfig(EMAConfig):
     """EMA of the weights, off by default: the saved adapter is then exactly the trained one."""
 
-    enabled: bool = False
+    enabled: bool = described(
+        False, doc="keep an exponential moving average of the adapter; off: the saved adapter is exactly the trained one"
+    )
 
 
 @dataclass
 class LoraTrainingConfig:
     """A whole LoRA fine-tuning run."""
 
-    output_dir: str = "outputs/lora"
+    output_dir: str = described(
+        "outputs/lora", doc="folder for the config, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ adapters"
+    )
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     objective: LoraObjectiveConfig = field(default_factory=LoraObjectiveConfig)
