@@ -13,7 +13,6 @@ import importlib
 import inspect
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,16 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from atomic_files import write_text_atomically
+from custom_schedulers.schedules import BETA_SCHEDULES, PREDICTION_TYPES
+
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
 OBJECTIVES = ("ddpm", "flow_matching")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
@@ -81,16 +81,9 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
+class ObjectiveOptions:
+    """How the denoiser's errors are weighted and on which timesteps: what full and LoRA training both choose."""
 
-    name: str = choice("ddpm", OBJECTIVES)
-    # DDPM family: the noise schedule and the prediction target.
-    prediction_type: str = choice("epsilon", PREDICTION_TYPES)
-    num_train_timesteps: int = bounded(1000, 1)
-    beta_schedule: str = choice("linear", BETA_SCHEDULES)
-    beta_start: float = bounded(0.0001, 0.0, 1.0)
-    beta_end: float = bounded(0.02, 0.0, 1.0)
     # Min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it.
     snr_gamma: Optional[float] = bounded(None, 0.0)
     # Flow matching: how sigma in (0, 1) is drawn (SD3's choices).
@@ -101,6 +94,19 @@ class ObjectiveConfig:
     loss: str = choice("mse", LOSSES)
     # Classifier-free guidance training: probability of replacing a label by the null label.
     label_dropout: float = bounded(0.1, 0.0, 1.0)
+
+
+@dataclass
+class ObjectiveConfig(ObjectiveOptions):
+    """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
+
+    name: str = choice("ddpm", OBJECTIVES)
+    # DDPM family: the noise schedule and the prediction target.
+    prediction_type: str = choice("epsilon", PREDICTION_TYPES)
+    num_train_timesteps: int = bounded(1000, 1)
+    beta_schedule: str = choice("linear", BETA_SCHEDULES)
+    beta_start: float = bounded(0.0001, 0.0, 1.0)
+    beta_end: float = bounded(0.02, 0.0, 1.0)
 
 
 @dataclass
@@ -213,12 +219,12 @@ class HubConfig:
 
 
 @dataclass
-class Config:
-    """A whole training run."""
+class RunConfig:
+    """The sections the training loop reads, shared by full training (`Config`) and LoRA fine-tuning
+    (`training.train_lora.LoraTrainingConfig`); each adds what it trains."""
 
     output_dir: str = "outputs/run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -226,6 +232,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+
+@dataclass
+class Config(RunConfig):
+    """A whole training run: a new denoiser from a preset, trained with a full objective."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,7 +416,7 @@ DATA_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "num_classes")
 
 
 def model_class(architecture: str):
-    """The model class of an architecture name (imported on first use: configs load without torch)."""
+    """The model class of an architecture name (imported on first use)."""
     module_name, class_name = MODEL_CLASSES[architecture]
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -459,8 +473,4 @@ def check_config(config: Config) -> None:
 # --------------------------------------------------------------------------------------------------
 def save_config(config, path: Union[str, os.PathLike]) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        yaml.safe_dump(to_dict(config), file, sort_keys=False)
-    os.replace(file.name, path)
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))
