@@ -3,10 +3,10 @@
     python benchmarks/evaluate_runs.py outputs/quickstart outputs/mnist_dit_gqa \\
         --num_samples_per_class 1000 --output_dir benchmarks/results --readme README.md
 
-For each run it scores the `best/` pipeline with `training.evaluation.evaluate_pipeline` (the run's own eval
+For each run it scores the `best/` pipeline with `evaluation.evaluate_pipeline` (the run's own eval
 sampler steps and guidance from `config.yaml`, unless overridden), and scores the same number of real MNIST
 train images the same way: the floor a perfect generator would reach at that sample count. Then it runs
-`training.compare` over the runs (table, plots, side-by-side samples) and writes everything into
+`commands.compare` over the runs (table, plots, side-by-side samples) and writes everything into
 `--output_dir`. With `--readme`, the block after the `<!-- RESULTS -->` marker (up to `<!-- /RESULTS -->`) is
 replaced by the generated section. This is a benchmark, not a test: it takes minutes to hours on a CPU.
 """
@@ -24,12 +24,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from training import compare  # noqa: E402
-from training.cli import environment_line, load_pipeline, seconds  # noqa: E402
-from training.data import load_mnist_arrays  # noqa: E402
-from training.evaluate import write_text_atomically  # noqa: E402
-from training.evaluation import evaluate_images, evaluate_pipeline, uint8_to_classifier_input  # noqa: E402
-from training.mnist_classifier import MNIST_CLASSIFIER_SHA256  # noqa: E402
+from atomic_files import write_text_atomically  # noqa: E402
+from commands import compare  # noqa: E402
+from commands.common import environment_line, load_pipeline, seconds  # noqa: E402
+from evaluation.metrics import evaluate_images, evaluate_pipeline, uint8_to_classifier_input  # noqa: E402
+from evaluation.mnist_classifier import MNIST_CLASSIFIER_SHA256  # noqa: E402
+from image_data import load_mnist_arrays  # noqa: E402
 
 
 RESULTS_START, RESULTS_END = "<!-- RESULTS -->", "<!-- /RESULTS -->"

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from diffusers import DiffusionPipeline  # noqa: E402
 
-from training.data import load_image_dataset  # noqa: E402
-from training.train_lora import data_description, dilate_strokes, load_lora_config, main as train_lora, mean_ink  # noqa: E402
+from image_data import dilate_strokes, load_image_dataset, mean_ink  # noqa: E402
+from training.train_lora import data_description, load_lora_config, main as train_lora  # noqa: E402
 
 
 ADAPTER_WEIGHTS = (0.0, 0.5, 1.0)

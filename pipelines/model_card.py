@@ -1,5 +1,7 @@
-"""Model cards for pushed pipelines: Hub metadata (licence, tags, data set, metrics), a sample grid and a usage snippet."""
+"""Model cards for pipelines and LoRA adapters: Hub metadata (licence, tags, data set, metrics), a sample grid and a
+usage snippet. Training writes both kinds here; `push_to_hub` uses the pipeline card."""
 
+from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -27,7 +29,16 @@ def infer_objective(pipeline) -> str:
     return pipeline.scheduler.config.get("prediction_type") or "flow_matching"
 
 
-def _usage_snippet(repo_id: str, num_classes: Optional[int], num_inference_steps: int, guidance_scale: float) -> str:
+def _usage_snippet(
+    repo_id: str, num_classes: Optional[int], num_inference_steps: int, guidance_scale: float, lora: Optional[str] = None
+) -> str:
+    """Code that loads `repo_id` (with adapter `lora` on top, if given) and samples a few images, runnable as written."""
+    adapter = []
+    if lora is not None:
+        adapter = [
+            f'pipe.load_lora_weights("{lora}", adapter_name="lora")',
+            'pipe.set_adapters("lora", adapter_weights=1.0)  # 0.0 gives the base model back; or pipe.fuse_lora()',
+        ]
     if num_classes:
         labels = list(range(min(num_classes, 4)))
         call = (
@@ -44,6 +55,7 @@ def _usage_snippet(repo_id: str, num_classes: Optional[int], num_inference_steps
             "import pipelines  # registers this project's pipeline and component classes on diffusers",
             "",
             f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")',
+            *adapter,
             call,
             'images[0].save("sample.png")',
         ]
@@ -84,10 +96,7 @@ def build_model_card(
     objective = objective or infer_objective(pipeline)
     if objective not in OBJECTIVE_TAGS:
         raise ValueError(f"Unknown objective {objective!r}; choose one of {list(OBJECTIVE_TAGS)}.")
-    metrics = metrics or []
-    for metric in metrics:
-        if not {"name", "value", "num_samples"} <= set(metric):
-            raise ValueError(f"Each metric needs 'name', 'value' and 'num_samples'; got {metric}.")
+    metrics = _check_metrics(metrics)
     num_classes = pipeline.denoiser.config.num_classes if pipeline is not None else None
     model_name = repo_id.split("/")[-1]
 
@@ -130,12 +139,10 @@ def build_model_card(
         summary,
         f"![Samples{', one row per class' if num_classes else ''}]({SAMPLE_GRID_FILENAME})",
         "## Usage",
-        "With this project installed (`pip install -e .` in its repository), no `trust_remote_code` needed:",
+        "With this project installed (`pip install .` in its repository), no `trust_remote_code` needed:",
         "```python\n" + _usage_snippet(repo_id, num_classes, num_inference_steps, guidance_scale) + "\n```",
     ]
-    if metrics:
-        rows = "\n".join(f"| {m['name']} | {m['value']:.4g} | {m['num_samples']} |" for m in metrics)
-        sections += ["## Evaluation", "| metric | value | samples |\n|---|---|---|\n" + rows]
+    sections += _metrics_section(metrics)
     if training_details:
         sections += ["## Training", training_details]
     details = [f"- Hub task tag: `{PIPELINE_TAG}` (the Hub has no class-conditional image generation task)."]
@@ -146,4 +153,89 @@ def build_model_card(
             names = ", ".join(f"{k}: {v}" for k, v in pipeline.config["id2label"].items())
             details.append(f"- Classes (`class_labels` accepts ids or these names): {names}.")
     sections += ["## Model details", "\n".join(details)]
+    return _render(card_data, sections)
+
+
+def _check_metrics(metrics: Optional[list[dict]]) -> list[dict]:
+    metrics = metrics or []
+    for metric in metrics:
+        if not {"name", "value", "num_samples"} <= set(metric):
+            raise ValueError(f"Each metric needs 'name', 'value' and 'num_samples'; got {metric}.")
+    return metrics
+
+
+def _metrics_section(metrics: list[dict]) -> list[str]:
+    if not metrics:
+        return []
+    rows = "\n".join(f"| {m['name']} | {m['value']:.4g} | {m['num_samples']} |" for m in metrics)
+    return ["## Evaluation", "| metric | value | samples |\n|---|---|---|\n" + rows]
+
+
+def _render(card_data: ModelCardData, sections: list[str]) -> ModelCard:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def build_lora_model_card(
+    repo_id: str,
+    pipeline,
+    *,
+    base: str,
+    lora_config,
+    training_data: str,
+    dataset: Optional[str] = None,
+    metrics: Optional[list[dict]] = None,
+    license: str = "apache-2.0",
+    num_inference_steps: int = 25,
+    guidance_scale: float = 1.0,
+    training_details: Optional[str] = None,
+) -> ModelCard:
+    """A Hub model card for a LoRA adapter of a class-conditional pipeline.
+
+    Args:
+        repo_id: the Hub repo of the adapter (used in the usage snippet).
+        pipeline: the base pipeline with the adapter loaded into its denoiser (parameters counted from it).
+        base: the base pipeline's folder or Hub id; a Hub id also becomes the card's `base_model`.
+        lora_config: the adapter's peft `LoraConfig` (rank, alpha, dropout, target modules).
+        training_data: what the adapter was trained on, in words.
+        dataset, metrics, license, num_inference_steps, guidance_scale, training_details: as in `build_model_card`.
+    """
+    metrics = _check_metrics(metrics)
+    denoiser = pipeline.denoiser
+    architecture = infer_architecture(pipeline)
+    trainable = sum(p.numel() for n, p in denoiser.named_parameters() if ".lora_" in n)
+    base_count = sum(p.numel() for p in denoiser.parameters()) - trainable
+    card_data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        pipeline_tag=PIPELINE_TAG,
+        tags=["diffusers", "lora", architecture, "class-conditional"],
+        base_model=None if Path(base).exists() else base,
+        datasets=[dataset] if dataset else None,
+        model_name=repo_id.split("/")[-1],
+    )
+    snippet = _usage_snippet(base, denoiser.config.num_classes, num_inference_steps, guidance_scale, lora=repo_id)
+    rows = [
+        ("Base model", f"`{base}`"),
+        ("Denoiser", f"`{type(denoiser).__name__}` ({ARCHITECTURE_NAMES.get(architecture, architecture)}, "
+                     f"component `{pipeline.denoiser_name}`)"),
+        ("Rank / alpha / dropout", f"{lora_config.r} / {lora_config.lora_alpha} / {lora_config.lora_dropout}"),
+        ("Target modules", ", ".join(f"`{m}`" for m in sorted(lora_config.target_modules))),
+        ("Trainable parameters", f"{trainable:,} ({100 * trainable / base_count:.2f}% of the base's {base_count:,})"),
+        ("Training data", training_data),
+    ]
+    sections = [
+        f"# {repo_id.split('/')[-1]}",
+        f"A LoRA adapter for the class-conditional diffusion pipeline `{base}`, trained on {training_data}. "
+        f"It holds only the adapter weights (`pytorch_lora_weights.safetensors`, diffusers' LoRA format with its "
+        f"`LoraConfig` in the file header).",
+        f"![Samples with the adapter, one row per class]({SAMPLE_GRID_FILENAME})",
+        "## Usage",
+        "With this project installed (`pip install .` in its repository):",
+        "```python\n" + snippet + "\n```",
+        "## Adapter",
+        "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows),
+    ]
+    sections += _metrics_section(metrics)
+    if training_details:
+        sections += ["## Training", training_details]
+    return _render(card_data, sections)

@@ -15,7 +15,8 @@ from PIL import Image
 from custom_models.unet import ScratchUNetModel
 from custom_schedulers import ScratchDDIMScheduler
 from pipelines import ClassConditionalUNetPipeline
-from training import compare, evaluate, evaluation, inception_fid, sample
+from commands import compare, evaluate, sample
+from evaluation import inception_fid, metrics
 from training import train as train_module
 
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 def isolated_cache(tmp_path_factory):
     """Reference statistics go to a temporary cache, never the user's."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(evaluation.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
+        patch.setenv(metrics.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
         yield
 
 
@@ -116,7 +117,7 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)
     completed = subprocess.run(
-        [sys.executable, "-m", "training.sample", str(tmp_path / "missing")],
+        [sys.executable, "-m", "commands.sample", str(tmp_path / "missing")],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )
     assert completed.returncode == 2
@@ -137,7 +138,7 @@ def test_sample_loads_a_hub_repo_id(pipeline_dir, tmp_path):
         # HF_ENDPOINT is read when huggingface_hub is imported: a fresh process.
         env["HF_ENDPOINT"] = hub.url
         completed = subprocess.run(
-            [sys.executable, "-m", "training.sample", "user/tiny-unet", "--num_inference_steps", "2",
+            [sys.executable, "-m", "commands.sample", "user/tiny-unet", "--num_inference_steps", "2",
              "--class_labels", "1", "--num_images_per_label", "2", "--out", str(tmp_path / "hub.png")],
             capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
         )

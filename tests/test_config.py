@@ -59,7 +59,7 @@ def test_a_saved_run_config_with_a_renamed_preset_still_trains(tmp_path, archite
     # A run's config.yaml records model.preset; one written before the rename loads, and building its model warns.
     import torch
 
-    from training.train import build_model
+    from training.setup import build_model
 
     save_config(load_config(["--model.architecture", architecture, "--model.preset", new]), tmp_path / "config.yaml")
     saved = tmp_path / "config.yaml"

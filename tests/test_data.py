@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import (
+from image_data import (
     SHIPPED_MNIST_DIR,
     ImageTransform,
     load_hf_dataset,
@@ -336,7 +336,7 @@ def test_hub_ids_go_to_load_dataset(monkeypatch):
     [
         ({"dataset_name": "/no/such/folder"}, "'/no/such/folder' does not exist"),
         ({"dataset_name": "./missing_images"}, "'./missing_images' does not exist"),
-        ({"dataset_name": "data/mnist/train-00000-of-00001.parquet"}, "is a file"),
+        ({"dataset_name": "image_data/mnist/train-00000-of-00001.parquet"}, "is a file"),
         ({"channels": 4}, "channels must be 1 .* or 3"),
         ({"resolution": 0}, "resolution must be a positive int"),
         ({"resolution": 32, "pad_to": 28}, r"pad_to \(28\) must be at least resolution \(32\)"),

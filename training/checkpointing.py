@@ -1,71 +1,37 @@
-"""Atomic checkpoints and output folders: a run killed at any moment never leaves a half-written one in use.
+"""Atomic checkpoints: a run killed at any moment never leaves a half-written one in use.
 
-Everything is written into a hidden temporary folder beside its destination, then renamed into place
-(a rename is atomic on POSIX file systems). A folder named `checkpoint-<step>` is therefore always complete;
-temporary folders left by a killed run are ignored by `latest_checkpoint` and removed on the next save.
+Each checkpoint is written into a hidden temporary folder beside its destination, then renamed into place
+(`atomic_files`). A folder named `checkpoint-<step>` is therefore always complete; temporary folders left by a
+killed run are ignored by `latest_checkpoint` and removed on the next save.
 """
 
 import json
 import os
 import re
 import shutil
-import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+
+from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, replace_directory, write_atomically
 
 
+__all__ = [
+    "CHECKPOINTS_DIRNAME", "REPLACED_PREFIX", "TEMPORARY_PREFIX", "checkpoint_step", "latest_checkpoint",
+    "list_checkpoints", "read_training_state", "recover_directory", "resolve_resume_path", "save_checkpoint",
+    "write_atomically",
+]
 CHECKPOINTS_DIRNAME = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILENAME = "training_state.json"
-TEMPORARY_PREFIX = ".tmp-"
-REPLACED_PREFIX = ".old-"
-# Test hook: kill the process (SIGKILL) while checkpoint <step> is being written, after its files are on disk
-# but before it is renamed into place - the worst moment for a non-atomic scheme.
-KILL_DURING_CHECKPOINT_ENV = "SCRATCH_DIFFUSION_DEBUG_KILL_DURING_CHECKPOINT"
 
 
-def replace_directory(temporary: Path, destination: Path) -> None:
-    """Move a finished `temporary` folder to `destination`, replacing any previous one."""
-    replaced = destination.with_name(REPLACED_PREFIX + destination.name)
-    if replaced.exists():
-        shutil.rmtree(replaced)
-    if destination.exists():
-        os.rename(destination, replaced)
-    os.rename(temporary, destination)
-    if replaced.exists():
-        shutil.rmtree(replaced)
-
-
-def recover_directory(destination: Path) -> None:
-    """Undo a replacement interrupted between its two renames (the previous folder is still complete)."""
-    replaced = destination.with_name(REPLACED_PREFIX + destination.name)
-    if replaced.exists() and not destination.exists():
-        try:
-            os.rename(replaced, destination)
-        except FileNotFoundError:
-            pass  # another process of the same run recovered it first
-
-
-def write_atomically(destination: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
-    """Call `write(folder)` on a temporary folder, then rename it to `destination`."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(TEMPORARY_PREFIX + destination.name)
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    write(temporary)
-    replace_directory(temporary, destination)
-    return destination
-
-
-def checkpoint_step(path: Union[str, os.PathLike]) -> Optional[int]:
+def checkpoint_step(path: str | os.PathLike) -> int | None:
     """The step of a complete checkpoint folder name `checkpoint-<step>`, else None."""
     match = CHECKPOINT_PATTERN.match(Path(path).name)
     return int(match.group(1)) if match else None
 
 
-def list_checkpoints(output_dir: Union[str, os.PathLike]) -> list[Path]:
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints under `output_dir/checkpoints`, oldest first."""
     folder = Path(output_dir) / CHECKPOINTS_DIRNAME
     if not folder.is_dir():
@@ -77,13 +43,13 @@ def list_checkpoints(output_dir: Union[str, os.PathLike]) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def latest_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[Path]:
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint, or None when there is none."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
-def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: Union[str, os.PathLike]) -> Optional[Path]:
+def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | os.PathLike) -> Path | None:
     """`"latest"` -> the newest complete checkpoint (None if there is none yet); a path -> that checkpoint."""
     if resume_from_checkpoint is None:
         return None
@@ -98,19 +64,26 @@ def resolve_resume_path(resume_from_checkpoint: Optional[str], output_dir: Union
     return path
 
 
-def read_training_state(checkpoint: Union[str, os.PathLike]) -> dict:
+def read_training_state(checkpoint: str | os.PathLike) -> dict:
     """The loop's own counters saved beside accelerate's state (step, best metric, ...)."""
     with open(Path(checkpoint) / TRAINING_STATE_FILENAME) as file:
         return json.load(file)
 
 
-def save_checkpoint(accelerator, output_dir: Union[str, os.PathLike], step: int, training_state: dict,
-                    total_limit: Optional[int] = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    training_state: dict,
+    total_limit: int | None = None,
+    before_commit: Callable[[int, Path], None] | None = None,
+) -> Path:
     """`accelerator.save_state` (models, optimizer, registered objects, RNG) into `checkpoint-<step>`, atomically.
 
     Every process writes its RNG state into the same temporary folder (a shared file system is assumed, as
     accelerate does); the main process then adds the loop's counters, renames the folder into place and
-    removes the oldest checkpoints beyond `total_limit`.
+    removes the oldest checkpoints beyond `total_limit`. `before_commit(step, temporary_folder)` runs on the main
+    process when every file but the counters is on disk, just before the rename (tests kill the process there).
     """
     folder = Path(output_dir) / CHECKPOINTS_DIRNAME
     destination = folder / f"checkpoint-{step}"
@@ -124,8 +97,8 @@ def save_checkpoint(accelerator, output_dir: Union[str, os.PathLike], step: int,
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if os.environ.get(KILL_DURING_CHECKPOINT_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if before_commit is not None:
+            before_commit(step, temporary)
         # The counters file is written last: a folder that has it holds everything resume needs.
         with open(temporary / TRAINING_STATE_FILENAME, "w") as file:
             json.dump({**training_state, "step": step}, file, indent=2)

@@ -13,7 +13,6 @@ import importlib
 import inspect
 import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,16 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from atomic_files import write_text_atomically
+from custom_schedulers.schedules import BETA_SCHEDULES, PREDICTION_TYPES
+
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
 OBJECTIVES = ("ddpm", "flow_matching")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "none")
@@ -93,7 +93,26 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveOptions:
+    """How the denoiser's errors are weighted and on which timesteps: what full and LoRA training both choose."""
+
+    snr_gamma: Optional[float] = bounded(
+        None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it"
+    )
+    timestep_sampling: str = choice(
+        "uniform", TIMESTEP_SAMPLINGS, doc="flow matching: how sigma in (0, 1) is drawn (SD3's choices)"
+    )
+    logit_mean: float = described(0.0, doc="flow matching, logit_normal: mean of the normal whose sigmoid is sigma")
+    logit_std: float = bounded(1.0, 0.0, doc="flow matching, logit_normal: standard deviation of that normal")
+    mode_scale: float = described(1.29, doc="flow matching, mode: SD3's scale of the mode density (0 is uniform)")
+    loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
+    label_dropout: float = bounded(
+        0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"
+    )
+
+
+@dataclass
+class ObjectiveConfig(ObjectiveOptions):
     """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
 
     name: str = choice(
@@ -110,19 +129,6 @@ class ObjectiveConfig:
     )
     beta_start: float = bounded(0.0001, 0.0, 1.0, doc="DDPM family: the first beta of the linear and scaled_linear schedules")
     beta_end: float = bounded(0.02, 0.0, 1.0, doc="DDPM family: the last beta of the linear and scaled_linear schedules")
-    snr_gamma: Optional[float] = bounded(
-        None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it"
-    )
-    timestep_sampling: str = choice(
-        "uniform", TIMESTEP_SAMPLINGS, doc="flow matching: how sigma in (0, 1) is drawn (SD3's choices)"
-    )
-    logit_mean: float = described(0.0, doc="flow matching, logit_normal: mean of the normal whose sigmoid is sigma")
-    logit_std: float = bounded(1.0, 0.0, doc="flow matching, logit_normal: standard deviation of that normal")
-    mode_scale: float = described(1.29, doc="flow matching, mode: SD3's scale of the mode density (0 is uniform)")
-    loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
-    label_dropout: float = bounded(
-        0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"
-    )
 
 
 @dataclass
@@ -246,14 +252,14 @@ class HubConfig:
 
 
 @dataclass
-class Config:
-    """A whole training run."""
+class RunConfig:
+    """The sections the training loop reads, shared by full training (`Config`) and LoRA fine-tuning
+    (`training.train_lora.LoraTrainingConfig`); each adds what it trains."""
 
     output_dir: str = described(
         "outputs/run", doc="folder for config.yaml, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ pipelines"
     )
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -261,6 +267,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+
+
+@dataclass
+class Config(RunConfig):
+    """A whole training run: a new denoiser from a preset, trained with a full objective."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,7 +452,7 @@ DATA_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "num_classes")
 
 
 def model_class(architecture: str):
-    """The model class of an architecture name (imported on first use: configs load without torch)."""
+    """The model class of an architecture name (imported on first use)."""
     module_name, class_name = MODEL_CLASSES[architecture]
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -496,8 +510,4 @@ def check_config(config: Config) -> None:
 # --------------------------------------------------------------------------------------------------
 def save_config(config, path: Union[str, os.PathLike]) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as file:
-        yaml.safe_dump(to_dict(config), file, sort_keys=False)
-    os.replace(file.name, path)
+    write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))

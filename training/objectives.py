@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from custom_schedulers.schedules import PREDICTION_TYPES
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
 

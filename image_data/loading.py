@@ -10,18 +10,21 @@ import torch
 from PIL import Image
 
 
-# The repository's data folder; an editable install (`pip install -e .`) imports this file from the checkout.
-SHIPPED_MNIST_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
+# Package data: shipped inside the installed `image_data` package (wheel, `pip install .` or editable install).
+SHIPPED_MNIST_DIR = Path(__file__).resolve().parent / "mnist"
+SHIPPED_MNIST_FILES = ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet")
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
 
 
 def shipped_mnist_dir() -> Path:
-    """The folder holding the MNIST parquet files shipped in the repository's `data/mnist`."""
-    if not (SHIPPED_MNIST_DIR / "README.md").is_file():
-        raise ValueError(
-            f"The shipped MNIST is not at {SHIPPED_MNIST_DIR}. It lives in the repository's data/mnist: install the "
-            "project in editable mode (`pip install -e .`) from a checkout, or pass `dataset_name`."
+    """The folder holding the MNIST parquet files shipped as package data in `image_data/mnist`."""
+    missing = [name for name in SHIPPED_MNIST_FILES if not (SHIPPED_MNIST_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"The shipped MNIST is incomplete: {missing} not found in {SHIPPED_MNIST_DIR}. The files are package data "
+            "of `image_data`: reinstall the project (`pip install .` or its wheel ships them), or in a checkout rebuild "
+            "them with `python data/build_mnist.py`; or pass `dataset_name` to load another dataset."
         )
     return SHIPPED_MNIST_DIR
 

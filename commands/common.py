@@ -2,9 +2,8 @@
 
 import os
 import re
-import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -114,15 +113,6 @@ def load_lora(pipeline, path: str, scale: float) -> None:
 
 def seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
-
-
-def run(main: Callable[[Optional[list]], object]) -> None:
-    """Run a command's `main`; a bad input prints one `error:` line (no traceback) and exits with status 2."""
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def check_output_path(path: str, suffixes) -> Path:

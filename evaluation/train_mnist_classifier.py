@@ -1,10 +1,10 @@
 """Train the MNIST feature network on the shipped train split and write its safetensors file.
 
-Usage: `python -m training.train_mnist_classifier [--output PATH] [--epochs 3] [--seed 0]`
+Usage: `python -m evaluation.train_mnist_classifier [--output PATH] [--epochs 3] [--seed 0]`
 
 Adam with a one-cycle learning rate, random shifts of up to 2 pixels (so features do not hinge on exact
 centring), a fixed seed. The script prints the test accuracy and the file's sha256: paste that hash into
-`MNIST_CLASSIFIER_SHA256` in `training/mnist_classifier.py`, since metrics refuse any unpinned file.
+`MNIST_CLASSIFIER_SHA256` in `evaluation/mnist_classifier.py`, since metrics refuse any unpinned file.
 """
 
 import argparse
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.data import load_mnist_arrays
-from training.mnist_classifier import MNIST_CLASSIFIER_PATH, MNISTClassifier, save_mnist_classifier
+from image_data import load_mnist_arrays
+
+from .mnist_classifier import MNIST_CLASSIFIER_PATH, MNISTClassifier, save_mnist_classifier
 
 
 def uint8_to_model_input(images) -> torch.Tensor:
@@ -105,7 +106,7 @@ def main(argv=None):
     sha256 = save_mnist_classifier(model, args.output, metadata=metadata)
     print(f"test accuracy {test_accuracy:.4f} on the shipped MNIST test split (10,000 images)")
     print(f"trained in {seconds:.0f} s; wrote {args.output}")
-    print(f'sha256 {sha256}\npin it: MNIST_CLASSIFIER_SHA256 = "{sha256}" in training/mnist_classifier.py')
+    print(f'sha256 {sha256}\npin it: MNIST_CLASSIFIER_SHA256 = "{sha256}" in evaluation/mnist_classifier.py')
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""Score a class-conditional pipeline: FID-MNIST, GAN-test accuracy, Inception Score, precision/recall, KID.
+
+    python -m commands.evaluate runs/quickstart/best --num_samples_per_class 100 \\
+        --scheduler ScratchDDIMScheduler --num_inference_steps 50 --guidance_scale 2.0 --output_dir eval/
+
+Writes `evaluation.json`, `evaluation.md` and `samples.png` (the first samples of each class) into `--output_dir`.
+`--inception` adds Inception FID when the optional extra is installed (`pip install "scratch-diffusion[inception]"`)
+and says it was skipped otherwise. The training loop computes the same metrics with the same function
+(`evaluation.evaluate_pipeline`).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from atomic_files import write_file_atomically, write_text_atomically
+from evaluation import evaluate_pipeline
+from pipelines.images import image_grid
+
+from . import run
+from .common import default_device, environment_line, load_pipeline, seconds, set_scheduler
+
+
+GRID_IMAGES_PER_CLASS = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m commands.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("pipeline", help="pipeline folder (with model_index.json) or Hub repo id")
+    parser.add_argument("--num_samples_per_class", type=int, default=100, help="N samples of each class (>= 2)")
+    parser.add_argument("--scheduler", default=None, help="scheduler class name (default: the saved one)")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=256, help="images per pipeline call")
+    parser.add_argument("--output_dir", default="evaluation", help="folder for evaluation.json / .md / samples.png")
+    parser.add_argument("--inception", action="store_true", help="also compute Inception FID (optional extra)")
+    parser.add_argument(
+        "--inception_reference_samples", type=int, default=None,
+        help="real test images for Inception statistics (default: all 10,000; ~0.5 s each on CPU, cached)",
+    )
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    return parser
+
+
+def _number(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_markdown(results: dict, title: str) -> str:
+    """A small markdown report: the metrics with their sample counts and the settings that produced them."""
+    n, n_ref = results["num_samples"], results["num_reference_samples"]
+    rows = [
+        ("FID-MNIST (lower is better)", _number(results["fid_mnist"], 2), f"{n} generated vs {n_ref} real test"),
+        ("GAN-test accuracy", _number(results["gan_test_acc"], 4), f"{n} generated"),
+        ("Inception Score (MNIST classifier, max 10)", f"{results['inception_score']:.2f} ± {results['inception_score_std']:.2f}", f"{n} generated, 10 splits"),
+        (f"Precision (k={results['precision_recall_k']})", _number(results["precision"], 4), f"{n} generated vs {min(n, n_ref)} real"),
+        (f"Recall (k={results['precision_recall_k']})", _number(results["recall"], 4), f"{n} generated vs {min(n, n_ref)} real"),
+        ("KID (MNIST-classifier features)", f"{results['kid_mean']:.4g} ± {results['kid_std']:.2g}", f"{results['kid_subsets']} subsets of {results['kid_subset_size']}"),
+    ]
+    if results.get("inception_fid") is not None:
+        rows.append((
+            "Inception FID", _number(results["inception_fid"], 2),
+            f"{results['inception_fid_num_samples']} generated vs {results['inception_fid_num_reference_samples']} real test",
+        ))
+    lines = [f"# Evaluation of `{title}`", "", "| metric | value | samples |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {count} |" for name, value, count in rows]
+    if results.get("inception_fid_skipped"):
+        lines += ["", f"Inception FID skipped: {results['inception_fid_skipped']}"]
+    per_class = " ".join(f"{label}: {accuracy:.3f}" for label, accuracy in results["gan_test_acc_per_class"].items())
+    lines += [
+        "",
+        f"GAN-test accuracy per class: {per_class}",
+        "",
+        f"Sampling: {results['scheduler']}, {results['num_inference_steps']} steps, guidance scale "
+        f"{results['guidance_scale']}, seed {results['seed']}, {results['num_samples_per_class']} per class, "
+        f"{results['image_size']}x{results['image_size']} samples; {results['seconds_per_image']:.4f} s/image on "
+        f"{results['environment']}.",
+        f"Feature network: `evaluation/mnist_classifier.py`, sha256 `{results['classifier_sha256']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.inception_reference_samples is not None and args.inception_reference_samples < 2:
+        raise ValueError(f"--inception_reference_samples must be at least 2, got {args.inception_reference_samples}.")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file.")
+
+    started = time.perf_counter()
+    pipeline = load_pipeline(args.pipeline, args.device)
+    set_scheduler(pipeline, args.scheduler)
+    num_classes = pipeline.denoiser.config.num_classes
+    print(f"sampling {args.num_samples_per_class} x {num_classes} classes with {type(pipeline.scheduler).__name__}, "
+          f"{args.num_inference_steps} steps, guidance {args.guidance_scale} on {pipeline.device}")
+
+    results, images, _ = evaluate_pipeline(
+        pipeline,
+        num_samples_per_class=args.num_samples_per_class,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+        return_samples=True,
+    )
+    results.update(pipeline=args.pipeline, environment=environment_line())
+    if args.inception:
+        from evaluation.inception_fid import InceptionUnavailableError, inception_fid
+
+        try:
+            results.update(inception_fid(
+                images, device=args.device or default_device(),
+                num_reference_samples=args.inception_reference_samples, progress=True,
+            ))
+        except InceptionUnavailableError as error:
+            results["inception_fid_skipped"] = str(error)
+            print(f"Inception FID skipped: {error}")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, markdown_path, grid_path = output_dir / "evaluation.json", output_dir / "evaluation.md", output_dir / "samples.png"
+    write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
+    write_text_atomically(markdown_path, format_markdown(results, args.pipeline))
+    per_class = min(GRID_IMAGES_PER_CLASS, args.num_samples_per_class)
+    keep = [c * args.num_samples_per_class + i for c in range(num_classes) for i in range(per_class)]
+    grid = image_grid(images[keep], cols=per_class)
+    write_file_atomically(grid_path, lambda temporary: grid.save(temporary, format="PNG"))
+
+    print(
+        f"FID-MNIST {results['fid_mnist']:.2f} | GAN-test accuracy {results['gan_test_acc']:.4f} | "
+        f"IS {results['inception_score']:.2f} | precision {_number(results['precision'], 3)} | "
+        f"recall {_number(results['recall'], 3)} | KID {results['kid_mean']:.4g} (N = {results['num_samples']})"
+    )
+    print(f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
+          f"(sampling {seconds(results['sampling_time_s'])})")
+    return results
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,275 @@
+"""What a training run is made of, built from its config: the accelerator, the data, the denoiser (in pixel or VAE
+latent space), the objective, the sampling scheduler, the optimizer with its lr schedule, and the EMA.
+
+`TrainingSetup` is what the loop (`training/train.py`) trains; `build_training_setup` makes one for a new
+denoiser, `training/train_lora.py` makes one around a frozen base pipeline.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+
+from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
+from image_data import load_image_dataset
+from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
+
+from .artifacts import save_pipeline_folder
+from .config import Config, ConfigError, RunConfig, model_class
+from .objectives import DiffusionObjective, FlowMatchingObjective
+
+
+# --------------------------------------------------------------------------------------------------
+# Accelerator
+# --------------------------------------------------------------------------------------------------
+def resolve_mixed_precision(setting: str) -> str:
+    """`auto`: no on CPU, bf16 on GPUs that support it, else fp16. Explicit settings are kept."""
+    if setting != "auto":
+        return setting
+    forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    if forced_cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def build_accelerator(config: RunConfig) -> Accelerator:
+    """The run's `Accelerator` (mixed precision, accumulation, trackers, compile), refusing fp16 on CPU."""
+    output_dir = config.output_dir
+    mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
+    accelerator = Accelerator(
+        # `accelerate launch --multi_gpu` on a machine without GPUs: run the processes on CPU with gloo.
+        cpu=os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        log_with=None if config.train.report_to == "none" else config.train.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=os.path.join(output_dir, "logs")),
+        dynamo_backend="inductor" if config.train.compile else "no",
+    )
+    if accelerator.device.type == "cpu" and mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16', slow on most CPUs) on CPU.")
+    if config.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def idle_cpu_cores_hint(device: torch.device, num_processes: int) -> str | None:
+    """A hint when a CPU run leaves cores idle: `accelerate launch` sets OMP_NUM_THREADS=1 unless it is told
+    otherwise, which on a 2-core machine makes single-process training ~1.8x slower than it needs to be."""
+    if device.type != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch.get_num_threads()
+    if threads * num_processes >= cores:
+        return None
+    return (
+        f"{num_processes} process(es) x {threads} thread(s) use {threads * num_processes} of {cores} CPU cores. "
+        f"`accelerate launch` sets OMP_NUM_THREADS=1 unless given `--num_cpu_threads_per_process "
+        f"{max(cores // num_processes, 1)}` (or OMP_NUM_THREADS in the environment)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def load_datasets(data_config):
+    """(train dataset, validation dataset or None) as `{"pixel_values", "class_labels"}` items."""
+    kwargs = dict(
+        dataset_name=None if data_config.dataset == "mnist" else data_config.dataset,
+        image_column=data_config.image_column,
+        label_column=data_config.label_column,
+        resolution=data_config.resolution,
+        pad_to=data_config.pad_to,
+        channels=data_config.channels,
+    )
+    train_dataset = load_image_dataset(split=data_config.train_split, random_flip=data_config.random_flip, **kwargs)
+    num_validation = data_config.num_validation_samples
+    validation_dataset = None
+    if data_config.validation_split is not None:
+        validation_dataset = load_image_dataset(split=data_config.validation_split, **kwargs)
+        if num_validation:
+            validation_dataset = _subset(validation_dataset, range(min(num_validation, len(validation_dataset))))
+    elif num_validation:
+        # No validation split: hold out the last images of the training split.
+        if num_validation >= len(train_dataset):
+            raise ValueError(
+                f"data.num_validation_samples ({num_validation}) leaves no training images out of {len(train_dataset)}."
+            )
+        held_out = load_image_dataset(split=data_config.train_split, **kwargs)
+        validation_dataset = _subset(held_out, range(len(train_dataset) - num_validation, len(train_dataset)))
+        train_dataset = _subset(train_dataset, range(len(train_dataset) - num_validation))
+    if data_config.max_train_samples is not None and data_config.max_train_samples < len(train_dataset):
+        train_dataset = _subset(train_dataset, range(data_config.max_train_samples))
+    if validation_dataset is not None and len(validation_dataset) == 0:
+        validation_dataset = None
+    return train_dataset, validation_dataset
+
+
+def _subset(dataset, indices):
+    """A `Subset` that keeps the class metadata of the dataset it views."""
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    subset.num_classes, subset.id2label = dataset.num_classes, dataset.id2label
+    return subset
+
+
+def load_vae(path: str) -> AutoencoderKL:
+    """A frozen `AutoencoderKL` (trained by `training/train_vae.py`) whose config holds its measured scaling factor."""
+    vae = AutoencoderKL.from_pretrained(path)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def latent_geometry(vae: AutoencoderKL, image_size: int) -> tuple[int, int]:
+    """(latent side length, latent channels) of `image_size` images."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(
+            f"Image size {image_size} is not divisible by the VAE's downsampling factor {factor}; set data.pad_to."
+        )
+    return image_size // factor, vae.config.latent_channels
+
+
+@torch.no_grad()
+def to_model_space(pixel_values: torch.Tensor, vae: AutoencoderKL | None, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1], or their scaled VAE latents for latent diffusion."""
+    if vae is None:
+        return pixel_values
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator=generator)
+    return (latents * vae.config.scaling_factor).to(pixel_values.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, schedulers, objective, pipeline
+# --------------------------------------------------------------------------------------------------
+def build_model(model_config, *, sample_size: int, in_channels: int, num_classes: int | None):
+    """The denoiser from its architecture preset, sized for the data (or latents)."""
+    cls = model_class(model_config.architecture)
+    overrides = {
+        **model_config.overrides, "sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes
+    }
+    return cls.from_preset(model_config.preset, **overrides)
+
+
+def build_noise_scheduler(objective_config, *, clip_sample: bool = True):
+    """The training-time noise schedule: DDPM (with its prediction type) or rectified flow."""
+    if objective_config.name == "flow_matching":
+        return ScratchFlowMatchEulerScheduler(num_train_timesteps=objective_config.num_train_timesteps)
+    return ScratchDDPMScheduler(
+        num_train_timesteps=objective_config.num_train_timesteps,
+        beta_schedule=objective_config.beta_schedule,
+        beta_start=objective_config.beta_start,
+        beta_end=objective_config.beta_end,
+        prediction_type=objective_config.prediction_type,
+        clip_sample=clip_sample,
+    )
+
+
+SAMPLER_CLASSES = {
+    "ddpm": ScratchDDPMScheduler, "ddim": ScratchDDIMScheduler, "flow_match_euler": ScratchFlowMatchEulerScheduler
+}
+
+
+def build_sampling_scheduler(sampler: str, noise_scheduler):
+    """The scheduler the saved pipeline samples with, sharing the training noise schedule."""
+    if sampler == "auto":
+        sampler = "flow_match_euler" if isinstance(noise_scheduler, ScratchFlowMatchEulerScheduler) else "ddim"
+    return SAMPLER_CLASSES[sampler].from_config(noise_scheduler.config)
+
+
+def build_objective(objective_config, noise_scheduler, num_classes: int | None):
+    """The training objective object (`objective(model, clean, class_labels, generator) -> loss`)."""
+    common = dict(loss=objective_config.loss, label_dropout=objective_config.label_dropout, num_classes=num_classes)
+    if objective_config.name == "flow_matching":
+        return FlowMatchingObjective(
+            noise_scheduler,
+            timestep_sampling=objective_config.timestep_sampling,
+            logit_mean=objective_config.logit_mean,
+            logit_std=objective_config.logit_std,
+            mode_scale=objective_config.mode_scale,
+            **common,
+        )
+    return DiffusionObjective(noise_scheduler, snr_gamma=objective_config.snr_gamma, **common)
+
+
+def build_pipeline(architecture: str, denoiser, scheduler, vae=None, id2label=None):
+    """The project's pipeline for a denoiser: `unet` for the UNet, `transformer` for DiT and MMDiT."""
+    if architecture == "unet":
+        return ClassConditionalUNetPipeline(unet=denoiser, scheduler=scheduler, vae=vae, id2label=id2label)
+    return ClassConditionalTransformerPipeline(transformer=denoiser, scheduler=scheduler, vae=vae, id2label=id2label)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the loop trains
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSetup:
+    """What the loop trains and how it saves it; `training/train_lora.py` builds one around a frozen base model."""
+
+    train_dataset: torch.utils.data.Dataset
+    validation_dataset: torch.utils.data.Dataset | None
+    # Only its parameters that require grad are optimized.
+    model: torch.nn.Module
+    vae: AutoencoderKL | None
+    objective: Callable
+    sampling_scheduler: object
+    architecture: str
+    # What was trained, for the model card: e.g. "unet `small`, ddpm objective".
+    description: str
+    # `save_folder(pipeline, destination, *, config, grid, metrics, details)` writes `last/` and `best/`.
+    save_folder: Callable = save_pipeline_folder
+
+
+def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSetup:
+    """The data and a new denoiser from its preset, in pixel or VAE latent space, saved as pipeline folders."""
+    train_dataset, validation_dataset = load_datasets(config.data)
+    num_classes = train_dataset.num_classes
+    image_channels, image_size, _ = train_dataset[0]["pixel_values"].shape
+    vae = None
+    sample_size, in_channels = image_size, image_channels
+    if config.model.vae is not None:
+        vae = load_vae(config.model.vae).to(accelerator.device)
+        sample_size, in_channels = latent_geometry(vae, image_size)
+
+    set_seed(config.train.seed)  # identical initial weights on every process
+    model = build_model(config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
+    noise_scheduler = build_noise_scheduler(config.objective, clip_sample=vae is None)
+    return TrainingSetup(
+        train_dataset=train_dataset,
+        validation_dataset=validation_dataset,
+        model=model,
+        vae=vae,
+        objective=build_objective(config.objective, noise_scheduler, num_classes),
+        sampling_scheduler=build_sampling_scheduler(config.eval.sampler, noise_scheduler),
+        architecture=config.model.architecture,
+        description=f"{config.model.architecture} `{config.model.preset}`, {config.objective.name} objective",
+    )
+
+
+def build_optimizer(optim_config, model: torch.nn.Module, total_steps: int):
+    """AdamW over the parameters that require grad, and its warm-up + decay lr schedule over `total_steps`."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=optim_config.learning_rate,
+        betas=(optim_config.adam_beta1, optim_config.adam_beta2), eps=optim_config.adam_epsilon,
+        weight_decay=optim_config.weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        optim_config.lr_scheduler, optimizer, num_warmup_steps=optim_config.lr_warmup_steps,
+        num_training_steps=total_steps,
+    )
+    return optimizer, lr_scheduler
+
+
+def build_ema(ema_config, model: torch.nn.Module) -> EMAModel | None:
+    """`diffusers.training_utils.EMAModel` of the model's parameters, or None when disabled."""
+    if not ema_config.enabled:
+        return None
+    return EMAModel(
+        model.parameters(), decay=ema_config.decay, use_ema_warmup=ema_config.use_warmup,
+        inv_gamma=ema_config.inv_gamma, power=ema_config.power, update_after_step=ema_config.update_after_step,
+    )
