@@ -23,6 +23,7 @@ from .embeddings import (
     sincos_2d_position_embedding,
     timesteps_to_batch,
 )
+from .loading import CheckedLoadingMixin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
-class ScratchDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Class-conditional (or unconditional) DiT with adaLN-Zero blocks and grouped-query attention."""
 
     _supports_gradient_checkpointing = True

@@ -29,6 +29,7 @@ from .dit_gqa import (
     unpatchify,
 )
 from .embeddings import LabelEmbedding, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .loading import CheckedLoadingMixin
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class PooledProjection(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
-class ScratchMMDiTModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """SD3-style MMDiT: class-token or text context, joint attention with RMSNorm on Q/K and grouped K/V heads."""
 
     _supports_gradient_checkpointing = True

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import Attention, check_head_config
 from .embeddings import LabelEmbedding, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .loading import CheckedLoadingMixin
 
 CLASS_CONDITIONING_MODES = ("film", "cross_attention")
 
@@ -118,7 +119,7 @@ class UNetLevel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------------
-class ScratchUNetModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Class-conditional UNet denoiser: FiLM residual blocks, skip connections, self/cross-attention levels."""
 
     _supports_gradient_checkpointing = True
