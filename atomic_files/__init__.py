@@ -12,7 +12,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-
 TEMPORARY_PREFIX = ".tmp-"
 REPLACED_PREFIX = ".old-"
 

@@ -33,9 +33,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import diffusers
 import torch
@@ -105,7 +105,7 @@ class Contender:
     model: nn.Module
     predict: Callable[[nn.Module, Batch], torch.Tensor]
     device: torch.device
-    step_seconds: List[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0
 
     def __post_init__(self):
@@ -119,7 +119,9 @@ class Contender:
     def persistent_bytes(self) -> int:
         """Bytes of the tensors that live between steps: parameters, buffers and AdamW state."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        tensors += [value for state in self.optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+        tensors += [
+            value for state in self.optimizer.state.values() for value in state.values() if torch.is_tensor(value)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -128,11 +130,11 @@ class Group:
     """Models compared side by side; speed and memory ratios are taken against `reference`."""
 
     title: str
-    candidates: List[Contender]
+    candidates: list[Contender]
     reference: Contender
 
     @property
-    def contenders(self) -> List[Contender]:
+    def contenders(self) -> list[Contender]:
         return [*self.candidates, self.reference]
 
 
@@ -143,7 +145,10 @@ def predict_class_conditional(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def predict_sd3(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(
-        batch.sample, encoder_hidden_states=batch.context_tokens, pooled_projections=batch.pooled, timestep=batch.timestep
+        batch.sample,
+        encoder_hidden_states=batch.context_tokens,
+        pooled_projections=batch.pooled,
+        timestep=batch.timestep,
     ).sample
 
 
@@ -151,13 +156,21 @@ def predict_sd3(model: nn.Module, batch: Batch) -> torch.Tensor:
 # The groups
 # --------------------------------------------------------------------------------------------------
 def unet_group(device: torch.device) -> Group:
-    ours = ScratchUNetModel.from_preset("medium", sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    ours = ScratchUNetModel.from_preset(
+        "medium", sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES
+    )
     # Our UNet has 4 heads everywhere, diffusers a fixed head width: 16 gives the same 4 heads on the
     # 16x16 level, where the attention over 256 tokens costs most (8 heads instead of 4 on 8x8).
     theirs = UNet2DModel(
-        sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, out_channels=IN_CHANNELS, block_out_channels=(32, 64, 128),
-        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=16,
+        sample_size=SAMPLE_SIZE,
+        in_channels=IN_CHANNELS,
+        out_channels=IN_CHANNELS,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=16,
         num_class_embeds=NUM_CLASSES,
     )
     return Group(
@@ -170,14 +183,26 @@ def unet_group(device: torch.device) -> Group:
 def dit_group(device: torch.device) -> Group:
     # Plain multi-head attention like the reference: the gqa group measures what fewer K/V heads change.
     ours = ScratchDiTModel.from_preset(
-        "small", sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, patch_size=PATCH_SIZE,
-        hidden_size=WIDTH, num_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, num_kv_heads=NUM_HEADS,
+        "small",
+        sample_size=SAMPLE_SIZE,
+        in_channels=IN_CHANNELS,
+        num_classes=NUM_CLASSES,
+        patch_size=PATCH_SIZE,
+        hidden_size=WIDTH,
+        num_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_kv_heads=NUM_HEADS,
     )
     # 0.44M more parameters than ours: every diffusers DiT block has its own timestep/label embedding MLP
     # (0.53M in all, run on [batch] vectors: negligible compute), where ours shares one.
     theirs = DiTTransformer2DModel(
-        sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, out_channels=IN_CHANNELS, patch_size=PATCH_SIZE,
-        num_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, attention_head_dim=WIDTH // NUM_HEADS,
+        sample_size=SAMPLE_SIZE,
+        in_channels=IN_CHANNELS,
+        out_channels=IN_CHANNELS,
+        patch_size=PATCH_SIZE,
+        num_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        attention_head_dim=WIDTH // NUM_HEADS,
         num_embeds_ada_norm=NUM_CLASSES,
     )
     return Group(
@@ -190,16 +215,31 @@ def dit_group(device: torch.device) -> Group:
 
 def mmdit_group(device: torch.device) -> Group:
     ours = ScratchMMDiTModel.from_preset(
-        "small", sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, patch_size=PATCH_SIZE,
-        hidden_size=WIDTH, num_layers=NUM_LAYERS, num_attention_heads=NUM_HEADS, num_kv_heads=NUM_HEADS,
+        "small",
+        sample_size=SAMPLE_SIZE,
+        in_channels=IN_CHANNELS,
+        num_classes=NUM_CLASSES,
+        patch_size=PATCH_SIZE,
+        hidden_size=WIDTH,
+        num_layers=NUM_LAYERS,
+        num_attention_heads=NUM_HEADS,
+        num_kv_heads=NUM_HEADS,
         num_class_tokens=NUM_CONTEXT_TOKENS,
     )
     # Our class tokens and class embedding are WIDTH wide: SD3 gets context and pooled inputs of that width.
     theirs = SD3Transformer2DModel(
-        sample_size=SAMPLE_SIZE, patch_size=PATCH_SIZE, in_channels=IN_CHANNELS, out_channels=IN_CHANNELS,
-        num_layers=NUM_LAYERS, attention_head_dim=WIDTH // NUM_HEADS, num_attention_heads=NUM_HEADS,
-        joint_attention_dim=WIDTH, caption_projection_dim=WIDTH, pooled_projection_dim=WIDTH,
-        pos_embed_max_size=SAMPLE_SIZE // PATCH_SIZE, qk_norm="rms_norm",
+        sample_size=SAMPLE_SIZE,
+        patch_size=PATCH_SIZE,
+        in_channels=IN_CHANNELS,
+        out_channels=IN_CHANNELS,
+        num_layers=NUM_LAYERS,
+        attention_head_dim=WIDTH // NUM_HEADS,
+        num_attention_heads=NUM_HEADS,
+        joint_attention_dim=WIDTH,
+        caption_projection_dim=WIDTH,
+        pooled_projection_dim=WIDTH,
+        pos_embed_max_size=SAMPLE_SIZE // PATCH_SIZE,
+        qk_norm="rms_norm",
     )
     return Group(
         f"MMDiT, {(SAMPLE_SIZE // PATCH_SIZE) ** 2} image + {NUM_CONTEXT_TOKENS} context tokens, {NUM_LAYERS} layers x "
@@ -212,8 +252,15 @@ def mmdit_group(device: torch.device) -> Group:
 def gqa_group(device: torch.device) -> Group:
     def dit(num_kv_heads: int) -> Contender:
         model = ScratchDiTModel.from_preset(
-            "small", sample_size=SAMPLE_SIZE, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, patch_size=PATCH_SIZE,
-            hidden_size=WIDTH, num_layers=NUM_LAYERS, num_attention_heads=GQA_QUERY_HEADS, num_kv_heads=num_kv_heads,
+            "small",
+            sample_size=SAMPLE_SIZE,
+            in_channels=IN_CHANNELS,
+            num_classes=NUM_CLASSES,
+            patch_size=PATCH_SIZE,
+            hidden_size=WIDTH,
+            num_layers=NUM_LAYERS,
+            num_attention_heads=GQA_QUERY_HEADS,
+            num_kv_heads=num_kv_heads,
         )
         return Contender(f"ours ScratchDiTModel, {num_kv_heads} kv heads", model, predict_class_conditional, device)
 
@@ -226,8 +273,11 @@ def gqa_group(device: torch.device) -> Group:
     )
 
 
-GROUP_BUILDERS: Dict[str, Callable[[torch.device], Group]] = {
-    "unet": unet_group, "dit": dit_group, "mmdit": mmdit_group, "gqa": gqa_group,
+GROUP_BUILDERS: dict[str, Callable[[torch.device], Group]] = {
+    "unet": unet_group,
+    "dit": dit_group,
+    "mmdit": mmdit_group,
+    "gqa": gqa_group,
 }
 
 
@@ -276,7 +326,7 @@ def transient_peak_bytes(contender: Contender, batch: Batch) -> int:
     return max(itertools.accumulate(e["args"]["Bytes"] for e in memory_events), default=0)
 
 
-def run_groups(groups: List[Group], batch: Batch, warmup_steps: int, rounds: int, steps_per_round: int) -> None:
+def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int, steps_per_round: int) -> None:
     """Warm up, measure memory, then time all models in alternating rounds."""
     contenders = [c for group in groups for c in group.contenders]
     for contender in contenders:
@@ -291,7 +341,9 @@ def run_groups(groups: List[Group], batch: Batch, warmup_steps: int, rounds: int
             order = group.contenders if round_index % 2 == 0 else group.contenders[::-1]
             for contender in order:
                 contender.step_seconds += [timed_train_step(contender, batch) for _ in range(steps_per_round)]
-        print(f"round {round_index + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"round {round_index + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,14 +353,14 @@ def median_step(contender: Contender) -> float:
     return statistics.median(contender.step_seconds)
 
 
-def interquartile_range(values: List[float]) -> float:
+def interquartile_range(values: list[float]) -> float:
     if len(values) < 2:
         return 0.0
     low, _, high = statistics.quantiles(values, n=4, method="inclusive")
     return high - low
 
 
-def results_table(groups: List[Group], batch_size: int) -> str:
+def results_table(groups: list[Group], batch_size: int) -> str:
     header = (
         "| group | model | params (M) | ms/step (median) | IQR (ms) | img/s | speed vs ref | peak MiB | memory ref/this |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
@@ -330,7 +382,7 @@ def results_table(groups: List[Group], batch_size: int) -> str:
     return header + "\n".join(rows) + "\n\nGroups:\n\n" + legend + "\n"
 
 
-def report(groups: List[Group], settings: str, batch_size: int) -> str:
+def report(groups: list[Group], settings: str, batch_size: int) -> str:
     return (
         "# Model training-step benchmark\n\n"
         f"{settings}\n\n"
@@ -353,11 +405,13 @@ def write_atomically(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-def model_list(text: str) -> List[str]:
+def model_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in GROUP_BUILDERS]
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"unknown model group(s) {unknown or [text]}; choose from {list(GROUP_BUILDERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown model group(s) {unknown or [text]}; choose from {list(GROUP_BUILDERS)}"
+        )
     return names
 
 
@@ -368,14 +422,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 16, 2 rounds: check that the script runs (< 1 min)")
     parser.add_argument("--batch_size", type=positive_int, help="images per step (default 128; 16 with --quick)")
     parser.add_argument("--rounds", type=positive_int, help="alternating timing rounds (default 15; 2 with --quick)")
     parser.add_argument("--steps_per_round", type=positive_int, default=1, help="timed steps per model per round")
     parser.add_argument(
-        "--warmup_steps", type=positive_int, default=1,
+        "--warmup_steps",
+        type=positive_int,
+        default=1,
         help="untimed steps per model before measuring (>= 1: AdamW state must exist when memory is measured)",
     )
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
@@ -383,7 +439,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--models", type=model_list, default=list(GROUP_BUILDERS), help=f"comma list from {list(GROUP_BUILDERS)}"
     )
     parser.add_argument(
-        "--out", type=Path,
+        "--out",
+        type=Path,
         help=f"markdown file (default {DEFAULT_OUT.relative_to(REPO)}; {QUICK_OUT.relative_to(REPO)} with --quick)",
     )
     args = parser.parse_args(argv)
@@ -393,7 +450,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -409,7 +466,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     batch = make_batch(args.batch_size, device)
 
     run_groups(groups, batch, args.warmup_steps, args.rounds, args.steps_per_round)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
     settings = (
         f"{device_name}; fp32; batch {args.batch_size} of {IN_CHANNELS}x{SAMPLE_SIZE}x{SAMPLE_SIZE}; step = forward, MSE, "
         f"backward, AdamW, zero_grad; {args.warmup_steps} warm-up step(s), then {args.rounds} alternating rounds x "

@@ -29,19 +29,23 @@ sys.path.insert(0, str(REPO))
 from diffusers import DiffusionPipeline  # noqa: E402
 
 from image_data import dilate_strokes, load_image_dataset, mean_ink  # noqa: E402
-from training.train_lora import data_description, load_lora_config, main as train_lora  # noqa: E402
-
+from training.train_lora import data_description, load_lora_config  # noqa: E402
+from training.train_lora import main as train_lora  # noqa: E402
 
 ADAPTER_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", required=True, help="base pipeline folder (e.g. outputs/quickstart/best) or Hub id")
     parser.add_argument("--config", default=str(REPO / "configs" / "lora" / "bold_digits.yaml"), help="LoRA recipe")
     parser.add_argument("--output_dir", default="outputs/lora_shift")
     parser.add_argument("--max_steps", type=int, default=600, help="LoRA training steps")
-    parser.add_argument("--skip_training", action="store_true", help="measure the adapter already in <output_dir>/adapter")
+    parser.add_argument(
+        "--skip_training", action="store_true", help="measure the adapter already in <output_dir>/adapter"
+    )
     parser.add_argument("--images_per_class", type=int, default=20, help="samples per class and condition")
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=2.0)
@@ -56,19 +60,27 @@ def sample(pipe, class_labels: torch.Tensor, noise: torch.Tensor, args) -> torch
     images = []
     for index, start in enumerate(range(0, len(class_labels), args.batch_size)):
         labels = class_labels[start : start + args.batch_size]
-        images.append(pipe(
-            class_labels=labels, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-            latents=noise[start : start + args.batch_size], output_type="pt",
-            generator=torch.Generator("cpu").manual_seed(args.seed * 1000 + index),  # stochastic samplers
-        ).images)
+        images.append(
+            pipe(
+                class_labels=labels,
+                num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale,
+                latents=noise[start : start + args.batch_size],
+                output_type="pt",
+                generator=torch.Generator("cpu").manual_seed(args.seed * 1000 + index),  # stochastic samplers
+            ).images
+        )
     return torch.cat(images)
 
 
 def real_digits(data_config, images_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `images_per_class` test images of each class, as the recipe's data settings shape them, in [0, 1]."""
     dataset = load_image_dataset(
-        dataset_name=None if data_config.dataset == "mnist" else data_config.dataset, split="test",
-        resolution=data_config.resolution, pad_to=data_config.pad_to, channels=data_config.channels,
+        dataset_name=None if data_config.dataset == "mnist" else data_config.dataset,
+        split="test",
+        resolution=data_config.resolution,
+        pad_to=data_config.pad_to,
+        channels=data_config.channels,
     )
     picked = {label: [] for label in range(dataset.num_classes)}
     for index in range(len(dataset)):
@@ -132,8 +144,15 @@ def main(argv=None) -> str:
     output_dir = Path(args.output_dir)
     adapter_run = output_dir / "adapter"
     lora_args = [
-        "--config", args.config, "--base.pretrained_model_name_or_path", args.base, "--output_dir", str(adapter_run),
-        "--train.max_steps", str(args.max_steps), *recipe_overrides,
+        "--config",
+        args.config,
+        "--base.pretrained_model_name_or_path",
+        args.base,
+        "--output_dir",
+        str(adapter_run),
+        "--train.max_steps",
+        str(args.max_steps),
+        *recipe_overrides,
     ]
     config = load_lora_config(lora_args)
     train_seconds = None
@@ -165,27 +184,31 @@ def main(argv=None) -> str:
     plain, bold = real_digits(config.data, args.images_per_class)
     reference = {"MNIST test": plain, "bold MNIST test": bold}
     table = shift_table(reference, results)
-    save_file({name.replace(" ", "_"): images.contiguous() for name, images in {**reference, **results}.items()},
-              output_dir / "lora_shift_images.safetensors")
+    save_file(
+        {name.replace(" ", "_"): images.contiguous() for name, images in {**reference, **results}.items()},
+        output_dir / "lora_shift_images.safetensors",
+    )
 
     grid_rows = {name: images[:: args.images_per_class] for name, images in {**reference, **results}.items()}
     grid_path = output_dir / "lora_shift.png"
     labeled_grid(grid_rows, num_classes).save(grid_path)
     trained = f"{train_seconds:.0f} s" if train_seconds is not None else "not timed (--skip_training)"
-    report = "\n".join([
-        f"LoRA adapter (rank {config.lora.rank}, alpha {config.lora.alpha}, convolutions: {config.lora.include_conv}) "
-        f"on `{args.base}`, trained {config.train.max_steps} steps at batch {config.train.batch_size} on "
-        f"{data_description(config.data)}: training {trained}, sampling {sample_seconds:.0f} s "
-        f"({len(class_labels)} images per condition, {args.num_inference_steps} steps, guidance {args.guidance_scale:g}, "
-        f"{torch.get_num_threads()} threads). Mean ink per image = mean brightness in [0, 1] (± std over images); "
-        f"stroke area = share of pixels above 0.5; shifts are against the base, in brackets as a share of the shift "
-        f"between real and bold MNIST. Weight 0 vs base: max |difference| {zero_difference:.1e}.",
-        "",
-        table,
-        "",
-        f"![rows: real and bold MNIST test digits, then samples of the base and of the adapter at weights "
-        f"{', '.join(f'{w:g}' for w in ADAPTER_WEIGHTS)}, from the same noise]({grid_path.name})",
-    ])
+    report = "\n".join(
+        [
+            f"LoRA adapter (rank {config.lora.rank}, alpha {config.lora.alpha}, convolutions: {config.lora.include_conv}) "
+            f"on `{args.base}`, trained {config.train.max_steps} steps at batch {config.train.batch_size} on "
+            f"{data_description(config.data)}: training {trained}, sampling {sample_seconds:.0f} s "
+            f"({len(class_labels)} images per condition, {args.num_inference_steps} steps, guidance {args.guidance_scale:g}, "
+            f"{torch.get_num_threads()} threads). Mean ink per image = mean brightness in [0, 1] (± std over images); "
+            f"stroke area = share of pixels above 0.5; shifts are against the base, in brackets as a share of the shift "
+            f"between real and bold MNIST. Weight 0 vs base: max |difference| {zero_difference:.1e}.",
+            "",
+            table,
+            "",
+            f"![rows: real and bold MNIST test digits, then samples of the base and of the adapter at weights "
+            f"{', '.join(f'{w:g}' for w in ADAPTER_WEIGHTS)}, from the same noise]({grid_path.name})",
+        ]
+    )
     (output_dir / "lora_shift.md").write_text(report + "\n")
     print(report)
     return report

@@ -9,7 +9,6 @@ A user's mistake (a bad argument, a missing file, a config that cannot train) is
 import sys
 from collections.abc import Callable
 
-
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 

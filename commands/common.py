@@ -3,10 +3,8 @@
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
 
 import torch
-
 
 # A Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.'.
 HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
@@ -16,13 +14,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(name_or_path: str, device: Optional[str] = None):
+def load_pipeline(name_or_path: str, device: str | None = None):
     """A saved pipeline folder or Hub repo id -> our class-conditional pipeline on `device`, progress bars off."""
     path = Path(name_or_path)
     is_folder = path.exists()
     if is_folder:
         if not path.is_dir():
-            raise ValueError(f"{name_or_path} is a file; pass a pipeline folder (with model_index.json) or a Hub repo id.")
+            raise ValueError(
+                f"{name_or_path} is a file; pass a pipeline folder (with model_index.json) or a Hub repo id."
+            )
         if not (path / "model_index.json").is_file():
             inside = [name for name in ("best", "last") if (path / name / "model_index.json").is_file()]
             hint = f" It looks like a training run folder: pass {path / inside[0]}." if inside else ""
@@ -30,8 +30,9 @@ def load_pipeline(name_or_path: str, device: Optional[str] = None):
     elif not HUB_ID_PATTERN.match(name_or_path) or name_or_path.startswith("."):
         raise ValueError(f"Pipeline folder not found: {name_or_path}")
 
-    import pipelines  # noqa: F401  (registers our pipeline classes and components on diffusers)
     from diffusers import DiffusionPipeline
+
+    import pipelines  # noqa: F401  (registers our pipeline classes and components on diffusers)
 
     if is_folder:
         pipeline = DiffusionPipeline.from_pretrained(str(path))
@@ -43,14 +44,17 @@ def load_pipeline(name_or_path: str, device: Optional[str] = None):
                 f"{name_or_path!r} is not a local folder, and loading it as a Hub repo id failed: {error}"
             ) from error
     if not hasattr(pipeline, "denoiser"):
-        raise ValueError(f"{name_or_path} holds a {type(pipeline).__name__}, not one of this project's class-conditional pipelines.")
+        raise ValueError(
+            f"{name_or_path} holds a {type(pipeline).__name__}, not one of this project's class-conditional pipelines."
+        )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device or default_device())
 
 
 def our_scheduler_classes() -> dict:
-    import custom_schedulers
     from diffusers import SchedulerMixin
+
+    import custom_schedulers
 
     return {
         name: value
@@ -59,7 +63,7 @@ def our_scheduler_classes() -> dict:
     }
 
 
-def diffusers_scheduler_names() -> List[str]:
+def diffusers_scheduler_names() -> list[str]:
     import diffusers
 
     return sorted(name for name in dir(diffusers) if name.endswith("Scheduler") and not name.startswith("Flax"))
@@ -84,14 +88,14 @@ def build_scheduler(name: str, config):
     return scheduler_class.from_config(config)
 
 
-def set_scheduler(pipeline, name: Optional[str]) -> None:
+def set_scheduler(pipeline, name: str | None) -> None:
     """Swap the pipeline's scheduler for class `name` (None keeps the saved one)."""
     if name is not None:
         pipeline.scheduler = build_scheduler(name, pipeline.scheduler.config)
 
 
-def parse_class_labels(text: Optional[str]) -> Optional[list]:
-    """"3,7" -> [3, 7]; label names ("seven") stay strings for the pipeline's `id2label`; None/"" -> every class."""
+def parse_class_labels(text: str | None) -> list | None:
+    """ "3,7" -> [3, 7]; label names ("seven") stay strings for the pipeline's `id2label`; None/"" -> every class."""
     if text is None or not text.strip():
         return None
     labels = []
@@ -128,5 +132,9 @@ def check_output_path(path: str, suffixes) -> Path:
 
 def environment_line() -> str:
     """Where a measurement was taken, for reports."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
     return f"torch {torch.__version__}, {device}"

@@ -18,7 +18,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -29,7 +28,6 @@ from pipelines.images import image_grid
 
 from . import run
 from .common import environment_line, load_pipeline, seconds
-
 
 PIPELINE_SUBFOLDER = "last"
 TITLE_HEIGHT = 16
@@ -51,13 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _batch_per_step(train_config: dict) -> Optional[int]:
+def _batch_per_step(train_config: dict) -> int | None:
     if train_config.get("batch_size") is None:
         return None
     return int(train_config["batch_size"]) * int(train_config.get("gradient_accumulation_steps") or 1)
 
 
-def _float(value: str) -> Optional[float]:
+def _float(value: str) -> float | None:
     return float(value) if value not in ("", None) else None
 
 
@@ -72,7 +70,11 @@ def read_run(folder: str) -> dict:
     path = Path(folder)
     if not path.is_dir():
         raise ValueError(f"Run folder not found: {folder}")
-    missing = [name for name in ("config.yaml", "metrics.csv", f"{PIPELINE_SUBFOLDER}/model_index.json") if not (path / name).is_file()]
+    missing = [
+        name
+        for name in ("config.yaml", "metrics.csv", f"{PIPELINE_SUBFOLDER}/model_index.json")
+        if not (path / name).is_file()
+    ]
     if missing:
         raise ValueError(f"{folder} is not a training run folder: missing {', '.join(missing)}.")
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
@@ -127,7 +129,9 @@ def measure_sampling(run_info: dict, args) -> Image.Image:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
-    images = pipeline(num_inference_steps=args.num_inference_steps, generator=torch.Generator("cpu").manual_seed(args.seed), **call).images
+    images = pipeline(
+        num_inference_steps=args.num_inference_steps, generator=torch.Generator("cpu").manual_seed(args.seed), **call
+    ).images
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -176,7 +180,9 @@ def format_markdown(runs: list, args) -> str:
             f"{_cell(info['peak_mem_mb'], 0)} | {_cell(info['sampling_s_per_image'], 4)} |"
         )
     evaluated_at = ", ".join(
-        f"{info['name']}: epoch {info['metric_epoch']} of {info['epochs']}" if info["metric_epoch"] else f"{info['name']}: none"
+        f"{info['name']}: epoch {info['metric_epoch']} of {info['epochs']}"
+        if info["metric_epoch"]
+        else f"{info['name']}: none"
         for info in runs
     )
     lines += [
@@ -211,7 +217,10 @@ def plot_all(runs: list, output_dir: Path) -> list:
         plt.close(figure)
         paths.append(output_dir / name)
 
-    for name, column, ylabel in (("fid_mnist.png", "fid", "FID-MNIST (log scale)"), ("loss.png", "loss", "training loss (log scale)")):
+    for name, column, ylabel in (
+        ("fid_mnist.png", "fid", "FID-MNIST (log scale)"),
+        ("loss.png", "loss", "training loss (log scale)"),
+    ):
         figure, axis = plt.subplots(figsize=(6, 4))
         for info in runs:
             points = [(row["epoch"] + 1, row[column]) for row in info["rows"] if row.get(column) is not None]
@@ -224,7 +233,10 @@ def plot_all(runs: list, output_dir: Path) -> list:
             axis.legend()
         save(figure, name)
 
-    for name, key, ylabel in (("throughput.png", "imgs_per_sec", "training images / s"), ("memory.png", "peak_mem_mb", "peak memory (MB)")):
+    for name, key, ylabel in (
+        ("throughput.png", "imgs_per_sec", "training images / s"),
+        ("memory.png", "peak_mem_mb", "peak memory (MB)"),
+    ):
         figure, axis = plt.subplots(figsize=(6, 4))
         names = [info["name"] for info in runs]
         values = [info[key] or 0.0 for info in runs]
@@ -236,7 +248,7 @@ def plot_all(runs: list, output_dir: Path) -> list:
     return paths
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_inference_steps < 1 or args.images_per_label < 1:
         raise ValueError("--num_inference_steps and --images_per_label must be at least 1.")
@@ -262,7 +274,9 @@ def main(argv: Optional[list] = None) -> dict:
     summary = [{key: value for key, value in info.items() if key not in ("rows", "config")} for info in runs]
     write_text_atomically(output_dir / "comparison.json", json.dumps(summary, indent=2) + "\n")
     written = [output_dir / "comparison.md", output_dir / "comparison.json", output_dir / "samples.png", *plot_paths]
-    print(f"compared {len(runs)} runs in {seconds(time.perf_counter() - started)}; wrote {', '.join(str(p) for p in written)}")
+    print(
+        f"compared {len(runs)} runs in {seconds(time.perf_counter() - started)}; wrote {', '.join(str(p) for p in written)}"
+    )
     return {"runs": summary, "files": [str(path) for path in written]}
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 from atomic_files import write_file_atomically, write_text_atomically
 from evaluation import evaluate_pipeline
@@ -21,7 +20,6 @@ from pipelines.images import image_grid
 
 from . import run
 from .common import default_device, environment_line, load_pipeline, seconds, set_scheduler
-
 
 GRID_IMAGES_PER_CLASS = 10
 
@@ -40,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="evaluation", help="folder for evaluation.json / .md / samples.png")
     parser.add_argument("--inception", action="store_true", help="also compute Inception FID (optional extra)")
     parser.add_argument(
-        "--inception_reference_samples", type=int, default=None,
+        "--inception_reference_samples",
+        type=int,
+        default=None,
         help="real test images for Inception statistics (default: all 10,000; ~0.5 s each on CPU, cached)",
     )
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
@@ -57,16 +57,35 @@ def format_markdown(results: dict, title: str) -> str:
     rows = [
         ("FID-MNIST (lower is better)", _number(results["fid_mnist"], 2), f"{n} generated vs {n_ref} real test"),
         ("GAN-test accuracy", _number(results["gan_test_acc"], 4), f"{n} generated"),
-        ("Inception Score (MNIST classifier, max 10)", f"{results['inception_score']:.2f} ± {results['inception_score_std']:.2f}", f"{n} generated, 10 splits"),
-        (f"Precision (k={results['precision_recall_k']})", _number(results["precision"], 4), f"{n} generated vs {min(n, n_ref)} real"),
-        (f"Recall (k={results['precision_recall_k']})", _number(results["recall"], 4), f"{n} generated vs {min(n, n_ref)} real"),
-        ("KID (MNIST-classifier features)", f"{results['kid_mean']:.4g} ± {results['kid_std']:.2g}", f"{results['kid_subsets']} subsets of {results['kid_subset_size']}"),
+        (
+            "Inception Score (MNIST classifier, max 10)",
+            f"{results['inception_score']:.2f} ± {results['inception_score_std']:.2f}",
+            f"{n} generated, 10 splits",
+        ),
+        (
+            f"Precision (k={results['precision_recall_k']})",
+            _number(results["precision"], 4),
+            f"{n} generated vs {min(n, n_ref)} real",
+        ),
+        (
+            f"Recall (k={results['precision_recall_k']})",
+            _number(results["recall"], 4),
+            f"{n} generated vs {min(n, n_ref)} real",
+        ),
+        (
+            "KID (MNIST-classifier features)",
+            f"{results['kid_mean']:.4g} ± {results['kid_std']:.2g}",
+            f"{results['kid_subsets']} subsets of {results['kid_subset_size']}",
+        ),
     ]
     if results.get("inception_fid") is not None:
-        rows.append((
-            "Inception FID", _number(results["inception_fid"], 2),
-            f"{results['inception_fid_num_samples']} generated vs {results['inception_fid_num_reference_samples']} real test",
-        ))
+        rows.append(
+            (
+                "Inception FID",
+                _number(results["inception_fid"], 2),
+                f"{results['inception_fid_num_samples']} generated vs {results['inception_fid_num_reference_samples']} real test",
+            )
+        )
     lines = [f"# Evaluation of `{title}`", "", "| metric | value | samples |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {count} |" for name, value, count in rows]
     if results.get("inception_fid_skipped"):
@@ -86,7 +105,7 @@ def format_markdown(results: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.inception_reference_samples is not None and args.inception_reference_samples < 2:
         raise ValueError(f"--inception_reference_samples must be at least 2, got {args.inception_reference_samples}.")
@@ -98,8 +117,10 @@ def main(argv: Optional[list] = None) -> dict:
     pipeline = load_pipeline(args.pipeline, args.device)
     set_scheduler(pipeline, args.scheduler)
     num_classes = pipeline.denoiser.config.num_classes
-    print(f"sampling {args.num_samples_per_class} x {num_classes} classes with {type(pipeline.scheduler).__name__}, "
-          f"{args.num_inference_steps} steps, guidance {args.guidance_scale} on {pipeline.device}")
+    print(
+        f"sampling {args.num_samples_per_class} x {num_classes} classes with {type(pipeline.scheduler).__name__}, "
+        f"{args.num_inference_steps} steps, guidance {args.guidance_scale} on {pipeline.device}"
+    )
 
     results, images, _ = evaluate_pipeline(
         pipeline,
@@ -116,16 +137,24 @@ def main(argv: Optional[list] = None) -> dict:
         from evaluation.inception_fid import InceptionUnavailableError, inception_fid
 
         try:
-            results.update(inception_fid(
-                images, device=args.device or default_device(),
-                num_reference_samples=args.inception_reference_samples, progress=True,
-            ))
+            results.update(
+                inception_fid(
+                    images,
+                    device=args.device or default_device(),
+                    num_reference_samples=args.inception_reference_samples,
+                    progress=True,
+                )
+            )
         except InceptionUnavailableError as error:
             results["inception_fid_skipped"] = str(error)
             print(f"Inception FID skipped: {error}")
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path, grid_path = output_dir / "evaluation.json", output_dir / "evaluation.md", output_dir / "samples.png"
+    json_path, markdown_path, grid_path = (
+        output_dir / "evaluation.json",
+        output_dir / "evaluation.md",
+        output_dir / "samples.png",
+    )
     write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
     write_text_atomically(markdown_path, format_markdown(results, args.pipeline))
     per_class = min(GRID_IMAGES_PER_CLASS, args.num_samples_per_class)
@@ -138,8 +167,10 @@ def main(argv: Optional[list] = None) -> dict:
         f"IS {results['inception_score']:.2f} | precision {_number(results['precision'], 3)} | "
         f"recall {_number(results['recall'], 3)} | KID {results['kid_mean']:.4g} (N = {results['num_samples']})"
     )
-    print(f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
-          f"(sampling {seconds(results['sampling_time_s'])})")
+    print(
+        f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
+        f"(sampling {seconds(results['sampling_time_s'])})"
+    )
     return results
 
 

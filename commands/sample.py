@@ -10,7 +10,6 @@ any diffusers scheduler class name, built from the saved scheduler's config. One
 
 import argparse
 import time
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", default=None, help="scheduler class name (default: the saved one)")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=2.0, help="classifier-free guidance; 1.0 disables it")
-    parser.add_argument("--class_labels", default=None, help="comma-separated class ids or label names (default: every class)")
+    parser.add_argument(
+        "--class_labels", default=None, help="comma-separated class ids or label names (default: every class)"
+    )
     parser.add_argument("--num_images_per_label", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora", default=None, help="LoRA file, folder or Hub repo id (diffusers format)")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list] = None) -> dict:
+def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_images_per_label < 1:
         raise ValueError(f"--num_images_per_label must be at least 1, got {args.num_images_per_label}.")
@@ -82,7 +83,12 @@ def main(argv: Optional[list] = None) -> dict:
     print(f"wrote {out_path}")
     if gif_path is not None:
         print(f"wrote {gif_path} ({len(output.trajectory)} frames)")
-    return {"grid": str(out_path), "gif": str(gif_path) if gif_path else None, "num_images": len(output.images), "sampling_time_s": sampling_seconds}
+    return {
+        "grid": str(out_path),
+        "gif": str(gif_path) if gif_path else None,
+        "num_images": len(output.images),
+        "sampling_time_s": sampling_seconds,
+    }
 
 
 if __name__ == "__main__":

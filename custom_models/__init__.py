@@ -1,3 +1,5 @@
-from .unet import ScratchUNetModel
 from .dit_gqa import ScratchDiTModel
 from .mmdit import ScratchMMDiTModel
+from .unet import ScratchUNetModel
+
+__all__ = ["ScratchDiTModel", "ScratchMMDiTModel", "ScratchUNetModel"]

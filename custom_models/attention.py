@@ -5,8 +5,6 @@ Grouped-query attention (Ainslie et al. 2023): `num_attention_heads` query heads
 `num_kv_heads == num_attention_heads` is plain multi-head attention, `num_kv_heads == 1` multi-query.
 """
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +13,9 @@ from torch import nn
 def check_head_config(dim: int, num_attention_heads: int, num_kv_heads: int) -> None:
     """Refuse head layouts that cannot be split evenly, naming the numbers and what is allowed."""
     if num_attention_heads < 1 or num_kv_heads < 1:
-        raise ValueError(f"Head counts must be >= 1; got num_attention_heads={num_attention_heads}, num_kv_heads={num_kv_heads}.")
+        raise ValueError(
+            f"Head counts must be >= 1; got num_attention_heads={num_attention_heads}, num_kv_heads={num_kv_heads}."
+        )
     if dim % num_attention_heads:
         raise ValueError(f"Width {dim} is not divisible by num_attention_heads={num_attention_heads}.")
     if num_attention_heads % num_kv_heads:
@@ -47,8 +47,8 @@ class Attention(nn.Module):
         self,
         dim: int,
         num_attention_heads: int,
-        num_kv_heads: Optional[int] = None,
-        cross_attention_dim: Optional[int] = None,
+        num_kv_heads: int | None = None,
+        cross_attention_dim: int | None = None,
         qk_norm: bool = False,
         bias: bool = True,
     ):
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self.split_heads(self.to_q(hidden_states), self.num_attention_heads)
         key = self.split_heads(self.to_k(context), self.num_kv_heads)

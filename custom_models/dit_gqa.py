@@ -5,7 +5,6 @@ adaLN final layer -> unpatchify. Attention uses `num_kv_heads` shared K/V heads 
 """
 
 import warnings
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +36,14 @@ def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> 
 def check_transformer_config(sample_size: int, patch_size: int, hidden_size: int) -> None:
     """Refuse patch grids and widths the patch embedding and the sin-cos positions cannot use."""
     if sample_size < 1 or patch_size < 1:
-        raise ValueError(f"sample_size and patch_size must be >= 1; got sample_size={sample_size}, patch_size={patch_size}.")
+        raise ValueError(
+            f"sample_size and patch_size must be >= 1; got sample_size={sample_size}, patch_size={patch_size}."
+        )
     if sample_size % patch_size:
         allowed = [p for p in range(1, sample_size + 1) if sample_size % p == 0]
-        raise ValueError(f"sample_size={sample_size} is not divisible by patch_size={patch_size}; allowed patch sizes: {allowed}.")
+        raise ValueError(
+            f"sample_size={sample_size} is not divisible by patch_size={patch_size}; allowed patch sizes: {allowed}."
+        )
     if hidden_size % 4:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos position embedding).")
 
@@ -118,7 +121,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(dim, 6 * dim)
 
     def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(
+            6, dim=1
+        )
         attn_output = self.attn(modulate(self.norm1(hidden_states), shift_msa, scale_msa))
         hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), attn_output)
         ff_output = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
@@ -155,14 +160,14 @@ class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterM
         self,
         sample_size: int = 28,
         in_channels: int = 1,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         patch_size: int = 2,
         hidden_size: int = 512,
         num_layers: int = 6,
         num_attention_heads: int = 8,
-        num_kv_heads: Optional[int] = 2,
+        num_kv_heads: int | None = 2,
         mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = 10,
+        num_classes: int | None = 10,
         learn_sigma: bool = False,
     ):
         super().__init__()
@@ -196,7 +201,11 @@ class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterM
         nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
         if self.class_embed is not None:
             nn.init.normal_(self.class_embed.embedding_table.weight, std=0.02)
-        for layer in [*(block.adaLN_modulation for block in self.transformer_blocks), self.final_layer.adaLN_modulation, self.final_layer.linear]:
+        for layer in [
+            *(block.adaLN_modulation for block in self.transformer_blocks),
+            self.final_layer.adaLN_modulation,
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -205,7 +214,8 @@ class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterM
         """Build a model from a named size preset in `PRESETS`, with config overrides."""
         if name in RENAMED_PRESETS:
             warnings.warn(
-                f"DiT preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.", FutureWarning
+                f"DiT preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.",
+                FutureWarning,
             )
             name = RENAMED_PRESETS[name]
         if name not in PRESETS:
@@ -215,15 +225,17 @@ class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterM
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.Tensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> Union[Transformer2DModelOutput, tuple]:
+    ) -> Transformer2DModelOutput | tuple:
         """Predict the denoising target for `sample` at `timestep`, conditioned on `class_labels`."""
         config = self.config
         if encoder_hidden_states is not None:
-            raise ValueError("ScratchDiTModel has no cross-attention: `encoder_hidden_states` must be None (use ScratchMMDiTModel).")
+            raise ValueError(
+                "ScratchDiTModel has no cross-attention: `encoder_hidden_states` must be None (use ScratchMMDiTModel)."
+            )
         check_sample(sample, config.in_channels, config.sample_size)
         batch_size = sample.shape[0]
         class_labels = check_class_labels(class_labels, config.num_classes, batch_size)
@@ -243,7 +255,9 @@ class ScratchDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterM
             else:
                 hidden_states = block(hidden_states, conditioning)
         hidden_states = self.final_layer(hidden_states, conditioning)
-        output = unpatchify(hidden_states, config.sample_size // config.patch_size, config.patch_size, self.out_channels)
+        output = unpatchify(
+            hidden_states, config.sample_size // config.patch_size, config.patch_size, self.out_channels
+        )
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

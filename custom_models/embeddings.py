@@ -6,7 +6,6 @@ would be built in fp16 (errors up to 0.4 were measured) and never re-cast.
 """
 
 import math
-from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -15,7 +14,7 @@ from torch import nn
 # --------------------------------------------------------------------------------------------------
 # Input normalisation shared by all models
 # --------------------------------------------------------------------------------------------------
-def timesteps_to_batch(timestep: Union[torch.Tensor, float, int], batch_size: int, device: torch.device) -> torch.Tensor:
+def timesteps_to_batch(timestep: torch.Tensor | float | int, batch_size: int, device: torch.device) -> torch.Tensor:
     """Turn a Python number, a 0-d tensor or a `[batch]` tensor into a float32 `[batch]` tensor.
 
     Integer DDPM/DDIM timesteps (0..999) and float flow-matching timesteps (0..1000) share one scale,
@@ -34,7 +33,9 @@ def timesteps_to_batch(timestep: Union[torch.Tensor, float, int], batch_size: in
     return timestep.expand(batch_size)
 
 
-def check_class_labels(class_labels: Optional[torch.Tensor], num_classes: Optional[int], batch_size: int) -> Optional[torch.Tensor]:
+def check_class_labels(
+    class_labels: torch.Tensor | None, num_classes: int | None, batch_size: int
+) -> torch.Tensor | None:
     """Validate class labels; index `num_classes` is the null label used for classifier-free guidance."""
     if not num_classes:
         if class_labels is not None:
@@ -55,7 +56,9 @@ def check_class_labels(class_labels: Optional[torch.Tensor], num_classes: Option
     bad = (class_labels < 0) | (class_labels > num_classes)
     if torch.compiler.is_compiling():
         # A compiled graph cannot branch on tensor values without a graph break: assert inside it instead.
-        torch._assert_async(~bad.any(), f"Class labels out of range: allowed are 0..{num_classes} ({num_classes} = null label).")
+        torch._assert_async(
+            ~bad.any(), f"Class labels out of range: allowed are 0..{num_classes} ({num_classes} = null label)."
+        )
     elif bool(bad.any()):
         raise ValueError(
             f"Class label(s) {sorted(set(class_labels[bad].tolist()))} out of range: allowed are 0..{num_classes - 1}, "

@@ -54,7 +54,9 @@ class CheckedLoadingMixin:
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise OSError(f"{config_file} is not a valid JSON file ({error}).") from error
             if not isinstance(config, dict):
-                raise ValueError(f"{config_file} must hold a JSON object of {cls.__name__}'s settings, got {type(config).__name__}.")
+                raise ValueError(
+                    f"{config_file} must hold a JSON object of {cls.__name__}'s settings, got {type(config).__name__}."
+                )
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         where, shards = _weights_files(pretrained_model_name_or_path, subfolder, variant)
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])

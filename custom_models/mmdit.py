@@ -7,8 +7,6 @@ plus `pooled_projections`). Timestep plus pooled condition drive the adaLN modul
 Patchify, position table, MLP and final layer are the DiT's (`dit_gqa.py`).
 """
 
-from typing import Optional, Tuple, Union
-
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
@@ -63,7 +61,7 @@ class JointAttention(nn.Module):
         # The last block's context tokens are only read (keys/values), never written back.
         self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, num_image_tokens, dim = hidden_states.shape
         num_tokens = num_image_tokens + context.shape[1]
 
@@ -72,13 +70,17 @@ class JointAttention(nn.Module):
 
         # Concatenate along tokens while still [batch, tokens, heads, head_dim]: one copy per tensor.
         query = torch.cat(
-            [self.norm_q(heads(self.to_q(hidden_states), self.num_attention_heads)),
-             self.norm_added_q(heads(self.add_q_proj(context), self.num_attention_heads))],
+            [
+                self.norm_q(heads(self.to_q(hidden_states), self.num_attention_heads)),
+                self.norm_added_q(heads(self.add_q_proj(context), self.num_attention_heads)),
+            ],
             dim=1,
         )
         key = torch.cat(
-            [self.norm_k(heads(self.to_k(hidden_states), self.num_kv_heads)),
-             self.norm_added_k(heads(self.add_k_proj(context), self.num_kv_heads))],
+            [
+                self.norm_k(heads(self.to_k(hidden_states), self.num_kv_heads)),
+                self.norm_added_k(heads(self.add_k_proj(context), self.num_kv_heads)),
+            ],
             dim=1,
         )
         value = torch.cat(
@@ -95,7 +97,9 @@ class JointAttention(nn.Module):
 class JointTransformerBlock(nn.Module):
     """adaLN-Zero block with one set of weights per stream and one joint attention."""
 
-    def __init__(self, dim: int, num_attention_heads: int, num_kv_heads: int, mlp_ratio: float, context_pre_only: bool = False):
+    def __init__(
+        self, dim: int, num_attention_heads: int, num_kv_heads: int, mlp_ratio: float, context_pre_only: bool = False
+    ):
         super().__init__()
         self.context_pre_only = context_pre_only
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -114,13 +118,17 @@ class JointTransformerBlock(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, context: torch.Tensor, conditioning: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(6, dim=1)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(
+            6, dim=1
+        )
         context_modulation = self.adaLN_modulation_context(conditioning)
         if self.context_pre_only:
             c_shift_msa, c_scale_msa = context_modulation.chunk(2, dim=1)
         else:
-            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_modulation.chunk(6, dim=1)
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_modulation.chunk(
+                6, dim=1
+            )
 
         attn_output, context_attn_output = self.attn(
             modulate(self.norm1(hidden_states), shift_msa, scale_msa),
@@ -158,24 +166,33 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
     _supports_gradient_checkpointing = True
     _no_split_modules = ["JointTransformerBlock"]
     _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
-    default_lora_target_modules = ["to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    default_lora_target_modules = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    ]
 
     @register_to_config
     def __init__(
         self,
         sample_size: int = 28,
         in_channels: int = 1,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         patch_size: int = 4,
         hidden_size: int = 192,
         num_layers: int = 6,
         num_attention_heads: int = 6,
-        num_kv_heads: Optional[int] = None,
+        num_kv_heads: int | None = None,
         mlp_ratio: float = 4.0,
-        num_classes: Optional[int] = 10,
+        num_classes: int | None = 10,
         num_class_tokens: int = 4,
-        joint_attention_dim: Optional[int] = None,
-        pooled_projection_dim: Optional[int] = None,
+        joint_attention_dim: int | None = None,
+        pooled_projection_dim: int | None = None,
         learn_sigma: bool = False,
     ):
         super().__init__()
@@ -213,7 +230,9 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
             self.pooled_embed = PooledProjection(pooled_projection_dim, hidden_size)
         self.transformer_blocks = nn.ModuleList(
             [
-                JointTransformerBlock(hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, context_pre_only=i == num_layers - 1)
+                JointTransformerBlock(
+                    hidden_size, num_attention_heads, num_kv_heads, mlp_ratio, context_pre_only=i == num_layers - 1
+                )
                 for i in range(num_layers)
             ]
         )
@@ -250,10 +269,10 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
         self,
         batch_size: int,
         device: torch.device,
-        class_labels: Optional[torch.Tensor],
-        encoder_hidden_states: Optional[torch.Tensor],
-        pooled_projections: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        class_labels: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        pooled_projections: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context tokens `[batch, tokens, dim]` and pooled condition `[batch, dim]` for either conditioning mode."""
         config = self.config
         if encoder_hidden_states is not None:
@@ -263,13 +282,22 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
                     "`encoder_hidden_states`."
                 )
             if class_labels is not None:
-                raise ValueError("Pass either `class_labels` or `encoder_hidden_states` + `pooled_projections`, not both.")
-            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size or encoder_hidden_states.shape[2] != config.joint_attention_dim:
+                raise ValueError(
+                    "Pass either `class_labels` or `encoder_hidden_states` + `pooled_projections`, not both."
+                )
+            if (
+                encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[0] != batch_size
+                or encoder_hidden_states.shape[2] != config.joint_attention_dim
+            ):
                 raise ValueError(
                     f"`encoder_hidden_states` must be [batch={batch_size}, tokens, joint_attention_dim={config.joint_attention_dim}]; "
                     f"got {tuple(encoder_hidden_states.shape)}."
                 )
-            if pooled_projections is None or tuple(pooled_projections.shape) != (batch_size, config.pooled_projection_dim):
+            if pooled_projections is None or tuple(pooled_projections.shape) != (
+                batch_size,
+                config.pooled_projection_dim,
+            ):
                 got = None if pooled_projections is None else tuple(pooled_projections.shape)
                 raise ValueError(
                     f"Text conditioning needs `pooled_projections` of shape [batch={batch_size}, "
@@ -288,17 +316,19 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.Tensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
-        pooled_projections: Optional[torch.Tensor] = None,
-    ) -> Union[Transformer2DModelOutput, tuple]:
+        pooled_projections: torch.Tensor | None = None,
+    ) -> Transformer2DModelOutput | tuple:
         """Predict the denoising target for `sample` at `timestep`, given class labels or text embeddings."""
         config = self.config
         check_sample(sample, config.in_channels, config.sample_size)
         batch_size = sample.shape[0]
-        context, pooled = self._context(batch_size, sample.device, class_labels, encoder_hidden_states, pooled_projections)
+        context, pooled = self._context(
+            batch_size, sample.device, class_labels, encoder_hidden_states, pooled_projections
+        )
         timesteps = timesteps_to_batch(timestep, batch_size, sample.device)
         # Every adaLN linear reads SiLU(c): compute it once instead of once per block.
         conditioning = F.silu(self.time_embed(timesteps) + pooled)
@@ -311,7 +341,9 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
             else:
                 hidden_states, context = block(hidden_states, context, conditioning)
         hidden_states = self.final_layer(hidden_states, conditioning)
-        output = unpatchify(hidden_states, config.sample_size // config.patch_size, config.patch_size, self.out_channels)
+        output = unpatchify(
+            hidden_states, config.sample_size // config.patch_size, config.patch_size, self.out_channels
+        )
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
@@ -324,7 +356,11 @@ PRESETS = {
     # For tests: < 100k parameters.
     "tiny": dict(patch_size=4, hidden_size=32, num_layers=2, num_attention_heads=4, num_kv_heads=2, num_class_tokens=2),
     # Parameter-matched to the UNet and DiT "iso-1.7m" presets for the fair comparison.
-    "iso-1.7m": dict(patch_size=4, hidden_size=112, num_layers=4, num_attention_heads=4, num_kv_heads=4, num_class_tokens=4),
+    "iso-1.7m": dict(
+        patch_size=4, hidden_size=112, num_layers=4, num_attention_heads=4, num_kv_heads=4, num_class_tokens=4
+    ),
     # A quick real-training size; the width and depth of the `SD3Transformer2DModel` in benchmarks/bench_models.py.
-    "small": dict(patch_size=4, hidden_size=192, num_layers=6, num_attention_heads=6, num_kv_heads=6, num_class_tokens=4),
+    "small": dict(
+        patch_size=4, hidden_size=192, num_layers=6, num_attention_heads=6, num_kv_heads=6, num_class_tokens=4
+    ),
 }

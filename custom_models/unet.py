@@ -8,7 +8,7 @@ learned class tokens (`class_conditioning="cross_attention"`) and/or external `e
 """
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,9 @@ class UNetAttentionBlock(nn.Module):
         self,
         channels: int,
         num_attention_heads: int,
-        num_kv_heads: Optional[int],
+        num_kv_heads: int | None,
         norm_num_groups: int,
-        context_dim: Optional[int] = None,
+        context_dim: int | None = None,
     ):
         super().__init__()
         self.norm = nn.GroupNorm(norm_num_groups, channels)
@@ -69,15 +69,17 @@ class UNetAttentionBlock(nn.Module):
             self.norm_cross = self.cross_attention = None
         else:
             self.norm_cross = nn.GroupNorm(norm_num_groups, channels)
-            self.cross_attention = Attention(channels, num_attention_heads, num_kv_heads, cross_attention_dim=context_dim)
+            self.cross_attention = Attention(
+                channels, num_attention_heads, num_kv_heads, cross_attention_dim=context_dim
+            )
 
     @staticmethod
-    def _attend(attention: Attention, normed: torch.Tensor, context: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(attention: Attention, normed: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         batch, channels, height, width = normed.shape
         tokens = normed.flatten(2).transpose(1, 2)
         return attention(tokens, context).transpose(1, 2).reshape(batch, channels, height, width)
 
-    def forward(self, hidden_states: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = hidden_states + self._attend(self.self_attention, self.norm(hidden_states), None)
         if self.cross_attention is not None:
             hidden_states = hidden_states + self._attend(self.cross_attention, self.norm_cross(hidden_states), context)
@@ -109,7 +111,9 @@ class UNetUpsample(nn.Module):
 class UNetLevel(nn.Module):
     """One resolution of the encoder or decoder: residual blocks, their attention blocks, the resampler."""
 
-    def __init__(self, resnets: Sequence[nn.Module], attentions: Optional[Sequence[nn.Module]], resample: Optional[nn.Module]):
+    def __init__(
+        self, resnets: Sequence[nn.Module], attentions: Sequence[nn.Module] | None, resample: nn.Module | None
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(attentions) if attentions else None
@@ -133,28 +137,39 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         self,
         sample_size: int = 28,
         in_channels: int = 1,
-        out_channels: Optional[int] = None,
-        num_classes: Optional[int] = None,
+        out_channels: int | None = None,
+        num_classes: int | None = None,
         learn_sigma: bool = False,
-        block_out_channels: Tuple[int, ...] = (32, 64, 128),
+        block_out_channels: tuple[int, ...] = (32, 64, 128),
         layers_per_block: int = 1,
-        attention_levels: Tuple[bool, ...] = (False, True, True),
+        attention_levels: tuple[bool, ...] = (False, True, True),
         mid_block_attention: bool = True,
         num_attention_heads: int = 4,
-        num_kv_heads: Optional[int] = None,
+        num_kv_heads: int | None = None,
         norm_num_groups: int = 8,
-        time_embedding_dim: Optional[int] = None,
+        time_embedding_dim: int | None = None,
         dropout: float = 0.0,
         class_conditioning: str = "film",
         num_class_tokens: int = 1,
-        cross_attention_dim: Optional[int] = None,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         block_out_channels, attention_levels = tuple(block_out_channels), tuple(bool(a) for a in attention_levels)
         self._check_config(
-            sample_size, in_channels, num_classes, block_out_channels, layers_per_block, attention_levels,
-            mid_block_attention, num_attention_heads, num_kv_heads, norm_num_groups, dropout,
-            class_conditioning, num_class_tokens, cross_attention_dim,
+            sample_size,
+            in_channels,
+            num_classes,
+            block_out_channels,
+            layers_per_block,
+            attention_levels,
+            mid_block_attention,
+            num_attention_heads,
+            num_kv_heads,
+            norm_num_groups,
+            dropout,
+            class_conditioning,
+            num_class_tokens,
+            cross_attention_dim,
         )
         out_channels = out_channels or in_channels
         num_levels = len(block_out_channels)
@@ -221,9 +236,20 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
 
     @staticmethod
     def _check_config(
-        sample_size, in_channels, num_classes, block_out_channels, layers_per_block, attention_levels,
-        mid_block_attention, num_attention_heads, num_kv_heads, norm_num_groups, dropout,
-        class_conditioning, num_class_tokens, cross_attention_dim,
+        sample_size,
+        in_channels,
+        num_classes,
+        block_out_channels,
+        layers_per_block,
+        attention_levels,
+        mid_block_attention,
+        num_attention_heads,
+        num_kv_heads,
+        norm_num_groups,
+        dropout,
+        class_conditioning,
+        num_class_tokens,
+        cross_attention_dim,
     ) -> None:
         """Refuse configurations that cannot be built, naming the bad value and what is allowed."""
         if in_channels < 1:
@@ -262,7 +288,9 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
                 f"`num_class_tokens`={num_class_tokens}: must be 1, or >= 1 with class_conditioning='cross_attention'."
             )
         if class_conditioning == "cross_attention" and not num_classes:
-            raise ValueError("class_conditioning='cross_attention' needs `num_classes` (the labels are the attended tokens).")
+            raise ValueError(
+                "class_conditioning='cross_attention' needs `num_classes` (the labels are the attended tokens)."
+            )
         uses_context = (class_conditioning == "cross_attention" and num_classes) or cross_attention_dim is not None
         if uses_context and not attended:
             raise ValueError(
@@ -298,7 +326,8 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         """Build a named size preset (see `PRESETS`), with any config key overridden."""
         if name in RENAMED_PRESETS:
             warnings.warn(
-                f"UNet preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.", FutureWarning
+                f"UNet preset {name!r} is now called {RENAMED_PRESETS[name]!r}; the old name will be removed.",
+                FutureWarning,
             )
             name = RENAMED_PRESETS[name]
         if name not in PRESETS:
@@ -319,14 +348,18 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             )
 
     def _context(
-        self, class_labels: Optional[torch.Tensor], encoder_hidden_states: Optional[torch.Tensor], batch: int
-    ) -> Optional[torch.Tensor]:
+        self, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None, batch: int
+    ) -> torch.Tensor | None:
         """Tokens the cross-attention layers attend to: class tokens and/or external hidden states."""
         dim = self.config.cross_attention_dim
         if encoder_hidden_states is not None:
             if dim is None:
                 raise ValueError("`encoder_hidden_states` given but this model has no `cross_attention_dim`.")
-            if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or encoder_hidden_states.shape[2] != dim:
+            if (
+                encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[0] != batch
+                or encoder_hidden_states.shape[2] != dim
+            ):
                 raise ValueError(
                     f"`encoder_hidden_states` must have shape [{batch}, tokens, {dim}]; got {tuple(encoder_hidden_states.shape)}."
                 )
@@ -335,7 +368,9 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             raise ValueError(f"This model cross-attends to `encoder_hidden_states` of width {dim}: pass them.")
         if self.class_tokens_dim is None:
             return encoder_hidden_states
-        class_tokens = self.class_embedding(class_labels).view(batch, self.config.num_class_tokens, self.class_tokens_dim)
+        class_tokens = self.class_embedding(class_labels).view(
+            batch, self.config.num_class_tokens, self.class_tokens_dim
+        )
         if encoder_hidden_states is None:
             return class_tokens
         return torch.cat([class_tokens, encoder_hidden_states], dim=1)
@@ -343,11 +378,11 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
     def forward(
         self,
         sample: torch.Tensor,
-        timestep: Union[torch.Tensor, float, int],
-        class_labels: Optional[torch.Tensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
-    ) -> Union[UNet2DOutput, Tuple[torch.Tensor]]:
+    ) -> UNet2DOutput | tuple[torch.Tensor]:
         """Predict the model target for `sample` at `timestep`; `.sample` has the input's spatial shape."""
         self._check_sample(sample)
         batch = sample.shape[0]
@@ -396,17 +431,24 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
 # --------------------------------------------------------------------------------------------------
 # Size presets (parameter counts for in_channels=1, num_classes=10)
 # --------------------------------------------------------------------------------------------------
-PRESETS: Dict[str, dict] = {
+PRESETS: dict[str, dict] = {
     # For tests: < 100k parameters.
     "tiny": dict(
-        block_out_channels=(8, 16), layers_per_block=1, attention_levels=(False, True), num_attention_heads=2,
-        norm_num_groups=4, time_embedding_dim=32,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        attention_levels=(False, True),
+        num_attention_heads=2,
+        norm_num_groups=4,
+        time_embedding_dim=32,
     ),
     # Channels 32/64/128, one residual block per level, attention at the lowest resolution only (2.85M).
     "small": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, False, True)),
     # Parameter-matched to the DiT and MMDiT "iso-1.7m" presets for the fair comparison.
     "iso-1.7m": dict(
-        block_out_channels=(24, 48, 96), layers_per_block=1, attention_levels=(False, True, True), time_embedding_dim=128,
+        block_out_channels=(24, 48, 96),
+        layers_per_block=1,
+        attention_levels=(False, True, True),
+        time_embedding_dim=128,
     ),
     # Small with attention at the two lower resolutions: the layout of diffusers' `UNet2DModel` 32/64/128 (2.90M).
     "medium": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, True, True)),
@@ -414,8 +456,12 @@ PRESETS: Dict[str, dict] = {
     "large": dict(block_out_channels=(64, 128, 256), layers_per_block=2, attention_levels=(False, True, True)),
     # Medium, conditioned on the class through cross-attention to 4 learned class tokens (as SD1 attends to text).
     "medium-cross-attention": dict(
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(False, True, True),
-        num_classes=10, class_conditioning="cross_attention", num_class_tokens=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        attention_levels=(False, True, True),
+        num_classes=10,
+        class_conditioning="cross_attention",
+        num_class_tokens=4,
     ),
 }
 # Old names, still built (with a FutureWarning) because a run's saved config.yaml records `model.preset`.

@@ -156,8 +156,11 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
         num_train_timesteps = self.config.num_train_timesteps
         if self.config.use_dynamic_shifting and mu is None:
             raise ValueError("use_dynamic_shifting needs `mu` in set_timesteps (the shift for this resolution).")
-        given = {name: np.asarray(values, dtype=np.float64).flatten()
-                 for name, values in (("sigmas", sigmas), ("timesteps", timesteps)) if values is not None}
+        given = {
+            name: np.asarray(values, dtype=np.float64).flatten()
+            for name, values in (("sigmas", sigmas), ("timesteps", timesteps))
+            if values is not None
+        }
         lengths = {len(values) for values in given.values()}
         if len(lengths) > 1:
             raise ValueError(f"sigmas and timesteps must have the same length, got {len(sigmas)} and {len(timesteps)}.")
@@ -167,9 +170,11 @@ class ScratchFlowMatchEulerScheduler(SchedulerMixin, ConfigMixin):
             )
         if "timesteps" in given:
             custom = given["timesteps"]
-            if len(custom) == 0 or not ((custom > 0) & (custom <= num_train_timesteps)).all() or (
-                np.diff(custom) >= 0
-            ).any():
+            if (
+                len(custom) == 0
+                or not ((custom > 0) & (custom <= num_train_timesteps)).all()
+                or (np.diff(custom) >= 0).any()
+            ):
                 raise ValueError(
                     f"timesteps must be strictly decreasing values in (0, {num_train_timesteps}], got {custom.tolist()}."
                 )

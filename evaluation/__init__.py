@@ -5,7 +5,6 @@ and optional offline Inception FID (`inception_fid`). Knows nothing of the train
 from .metrics import compute_metrics, evaluate_images, evaluate_pipeline, generate_samples, reference_features
 from .mnist_classifier import MNIST_CLASSIFIER_PATH, MNIST_CLASSIFIER_SHA256, MNISTClassifier, load_mnist_classifier
 
-
 __all__ = [
     "MNIST_CLASSIFIER_PATH",
     "MNIST_CLASSIFIER_SHA256",

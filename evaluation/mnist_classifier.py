@@ -7,7 +7,6 @@ one fixed feature network, so the shipped weights are pinned by their sha256 and
 
 import hashlib
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -15,7 +14,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from atomic_files import write_file_atomically
-
 
 MNIST_CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 # Printed by `python -m evaluation.train_mnist_classifier`; a retrained file needs this line updated with it.
@@ -49,9 +47,11 @@ class MNISTClassifier(nn.Module):
     def _check_images(self, images: torch.Tensor):
         expected = (1, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"MNISTClassifier expects images of shape [N, {', '.join(map(str, expected))}], got {tuple(images.shape)}.")
+            raise ValueError(
+                f"MNISTClassifier expects images of shape [N, {', '.join(map(str, expected))}], got {tuple(images.shape)}."
+            )
 
-    def features_and_logits(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads from one pass: the post-ReLU 128-d features and the class logits."""
         self._check_images(images)
         features = torch.relu(self.feature_layer(self.conv_stages(images).flatten(1)))
@@ -66,7 +66,7 @@ class MNISTClassifier(nn.Module):
         return self.features_and_logits(images)[1]
 
 
-def sha256_of_file(path: Union[str, Path]) -> str:
+def sha256_of_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -76,9 +76,9 @@ def sha256_of_file(path: Union[str, Path]) -> str:
 
 
 def load_mnist_classifier(
-    path: Union[str, Path, None] = None,
-    expected_sha256: Optional[str] = MNIST_CLASSIFIER_SHA256,
-    device: Union[str, torch.device] = "cpu",
+    path: str | Path | None = None,
+    expected_sha256: str | None = MNIST_CLASSIFIER_SHA256,
+    device: str | torch.device = "cpu",
 ) -> MNISTClassifier:
     """Load the classifier in eval mode, frozen, after checking the file's sha256 (`expected_sha256=None` skips it)."""
     path = Path(path) if path is not None else MNIST_CLASSIFIER_PATH
@@ -100,7 +100,7 @@ def load_mnist_classifier(
     return model.to(device).eval()
 
 
-def save_mnist_classifier(model: MNISTClassifier, path: Union[str, Path], metadata: Optional[Dict[str, str]] = None) -> str:
+def save_mnist_classifier(model: MNISTClassifier, path: str | Path, metadata: dict[str, str] | None = None) -> str:
     """Write the weights as safetensors atomically (temp file + rename) and return the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,9 @@ def train(epochs: int, batch_size: int, learning_rate: float, max_shift: int, se
     model = MNISTClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     steps_per_epoch = len(train_images) // batch_size
-    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch)
+    lr_schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=epochs * steps_per_epoch
+    )
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(train_images), generator=generator)

@@ -13,7 +13,6 @@ from .loading import (
 from .samplers import ShardedBatchSampler
 from .transforms import DilatedStrokes, dilate_strokes, mean_ink
 
-
 __all__ = [
     "SHIPPED_MNIST_DIR",
     "DilatedStrokes",

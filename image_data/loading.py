@@ -2,13 +2,11 @@
 
 import io
 from pathlib import Path
-from typing import Optional
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image
-
 
 # Package data: shipped inside the installed `image_data` package (wheel, `pip install .` or editable install).
 SHIPPED_MNIST_DIR = Path(__file__).resolve().parent / "mnist"
@@ -43,10 +41,10 @@ def _select_split(loaded, split: str, source: str) -> datasets.Dataset:
 
 
 def load_hf_dataset(
-    dataset_name: Optional[str] = None,
+    dataset_name: str | None = None,
     split: str = "train",
-    dataset_config_name: Optional[str] = None,
-    cache_dir: Optional[str] = None,
+    dataset_config_name: str | None = None,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset:
     """Load one split as a `datasets.Dataset`: the shipped MNIST (None), a local folder or a Hub dataset id.
 
@@ -85,7 +83,7 @@ def load_hf_dataset(
     return _select_split(loaded, split, f"local dataset {local_dir}")
 
 
-def _find_column(dataset: datasets.Dataset, column: Optional[str], candidates, feature_type, what: str) -> str:
+def _find_column(dataset: datasets.Dataset, column: str | None, candidates, feature_type, what: str) -> str:
     available = list(dataset.column_names)
     if column is not None:
         if column not in available:
@@ -108,8 +106,8 @@ class ImageTransform:
 
     def __init__(
         self,
-        resolution: Optional[int] = None,
-        pad_to: Optional[int] = None,
+        resolution: int | None = None,
+        pad_to: int | None = None,
         channels: int = 1,
         random_flip: bool = False,
     ):
@@ -164,8 +162,8 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         self,
         hf_dataset: datasets.Dataset,
         transform: ImageTransform,
-        image_column: Optional[str] = None,
-        label_column: Optional[str] = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
     ):
         self.image_column = _find_column(hf_dataset, image_column, IMAGE_COLUMN_CANDIDATES, datasets.Image, "image")
         self.label_column = _find_column(
@@ -215,16 +213,16 @@ class LabeledImageDataset(torch.utils.data.Dataset):
 
 
 def load_image_dataset(
-    dataset_name: Optional[str] = None,
+    dataset_name: str | None = None,
     split: str = "train",
-    image_column: Optional[str] = None,
-    label_column: Optional[str] = None,
-    resolution: Optional[int] = None,
-    pad_to: Optional[int] = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    resolution: int | None = None,
+    pad_to: int | None = None,
     channels: int = 1,
     random_flip: bool = False,
-    dataset_config_name: Optional[str] = None,
-    cache_dir: Optional[str] = None,
+    dataset_config_name: str | None = None,
+    cache_dir: str | None = None,
 ) -> LabeledImageDataset:
     """Labeled images as tensors in [-1, 1]; the shipped MNIST by default (`pad_to=32` gives 32x32 digits).
 

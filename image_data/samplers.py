@@ -12,8 +12,16 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
     `set_epoch(epoch, skip_batches)` starts mid-epoch for exact resumption, without loading the skipped images.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, num_processes: int = 1,
-                 gradient_accumulation_steps: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        num_processes: int = 1,
+        gradient_accumulation_steps: int = 1,
+    ):
         per_step = num_processes * batch_size * gradient_accumulation_steps
         if num_samples < per_step:
             raise ValueError(
@@ -39,7 +47,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         self.batches = self.epoch_batches(epoch)
 
     def __iter__(self):
-        return iter(self.batches[self.skip_batches:])
+        return iter(self.batches[self.skip_batches :])
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.skip_batches

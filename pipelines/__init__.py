@@ -26,7 +26,6 @@ from .class_conditional import (
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import build_lora_model_card, build_model_card
 
-
 __all__ = [
     "ClassConditionalPipeline",
     "ClassConditionalPipelineOutput",
@@ -49,7 +48,9 @@ def _register(namespace, name: str, value) -> None:
     current = getattr(namespace, name, None)
     # The same object, or the same definition re-imported (e.g. `importlib.reload`), is not shadowing.
     if current is not None and _identity(current) != _identity(value):
-        raise ImportError(f"`{namespace.__name__}.{name}` already exists ({current!r}); refusing to shadow it with {value!r}.")
+        raise ImportError(
+            f"`{namespace.__name__}.{name}` already exists ({current!r}); refusing to shadow it with {value!r}."
+        )
     setattr(namespace, name, value)
 
 

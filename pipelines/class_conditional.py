@@ -9,8 +9,8 @@ with the diffusers contract works (ours or diffusers' DDPM / DDIM / FlowMatchEul
 import inspect
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -29,7 +29,6 @@ from custom_models.unet import ScratchUNetModel
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import SAMPLE_GRID_FILENAME, build_model_card
 
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
@@ -43,8 +42,8 @@ class ClassConditionalPipelineOutput(BaseOutput):
     denoising steps (`trajectory[0]` is the starting noise), in the same format.
     """
 
-    images: Union[list[PIL.Image.Image], np.ndarray, torch.Tensor]
-    trajectory: Optional[list] = None
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    trajectory: list | None = None
 
 
 class ClassConditionalPipeline(DiffusionPipeline):
@@ -94,7 +93,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """Set `pipe._interrupt = True` from a step callback to skip the remaining steps."""
         return self._interrupt
 
-    def get_label_ids(self, label: Union[str, list[str]]) -> list[int]:
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map label names (from `id2label`) to class ids."""
         names = [label] if isinstance(label, str) else list(label)
         unknown = [name for name in names if name not in self.labels]
@@ -113,7 +112,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         num_classes = self.denoiser.config.num_classes
         if not num_classes:
             if class_labels is not None:
-                raise ValueError("This pipeline's denoiser is unconditional (`num_classes` is None): leave `class_labels` as None.")
+                raise ValueError(
+                    "This pipeline's denoiser is unconditional (`num_classes` is None): leave `class_labels` as None."
+                )
             return None
         if class_labels is None:
             ids = list(range(num_classes))
@@ -131,7 +132,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
                     ids.append(int(label))
                 else:
-                    raise ValueError(f"Class labels must be ints or label names, got {label!r} ({type(label).__name__}).")
+                    raise ValueError(
+                        f"Class labels must be ints or label names, got {label!r} ({type(label).__name__})."
+                    )
         bad = sorted({i for i in ids if not 0 <= i < num_classes})
         if bad:
             raise ValueError(f"Class label(s) {bad} out of range: this model has classes 0..{num_classes - 1}.")
@@ -197,16 +200,16 @@ class ClassConditionalPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: Optional[Union[int, str, list[Union[int, str]], torch.Tensor]] = None,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
         num_images_per_label: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
-        generator: Optional[Union[torch.Generator, list[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         return_trajectory: bool = False,
-        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ):
         """Generate images of the given classes.
@@ -294,7 +297,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------------
     # Hub
     # ----------------------------------------------------------------------------------------------
-    def sample_grid(self, num_images_per_label: int = 4, num_inference_steps: int = 25, guidance_scale: float = 1.0, seed: int = 0):
+    def sample_grid(
+        self, num_images_per_label: int = 4, num_inference_steps: int = 25, guidance_scale: float = 1.0, seed: int = 0
+    ):
         """One row per class (or one row for an unconditional denoiser), as a single PIL image."""
         images = self(
             num_images_per_label=num_images_per_label,
@@ -306,16 +311,26 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     def save_pretrained(
         self,
-        save_directory: Union[str, os.PathLike],
+        save_directory: str | os.PathLike,
         safe_serialization: bool = True,
-        variant: Optional[str] = None,
-        max_shard_size: Optional[Union[int, str]] = None,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
         **kwargs,
     ):
         """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card)."""
-        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr") if key in kwargs}
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, max_shard_size=max_shard_size, **kwargs)
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
+        }
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, safe_serialization=safe_serialization, **hub_kwargs)
@@ -323,11 +338,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def push_to_hub(
         self,
         repo_id: str,
-        model_card: Optional[ModelCard] = None,
-        sample_grid: Optional[Union[PIL.Image.Image, str, os.PathLike]] = None,
-        commit_message: Optional[str] = None,
-        private: Optional[bool] = None,
-        token: Optional[str] = None,
+        model_card: ModelCard | None = None,
+        sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
         create_pr: bool = False,
         safe_serialization: bool = True,
     ) -> str:
@@ -367,8 +382,8 @@ class ClassConditionalUNetPipeline(UNetLoraLoaderMixin, ClassConditionalPipeline
         self,
         unet: ScratchUNetModel,
         scheduler: SchedulerMixin,
-        vae: Optional[AutoencoderKL] = None,
-        id2label: Optional[dict[str, str]] = None,
+        vae: AutoencoderKL | None = None,
+        id2label: dict[str, str] | None = None,
     ):
         super().__init__()
         self._setup(unet, scheduler, vae, id2label)
@@ -382,10 +397,10 @@ class ClassConditionalTransformerPipeline(TransformerLoraLoaderMixin, ClassCondi
 
     def __init__(
         self,
-        transformer: Union[ScratchDiTModel, ScratchMMDiTModel],
+        transformer: ScratchDiTModel | ScratchMMDiTModel,
         scheduler: SchedulerMixin,
-        vae: Optional[AutoencoderKL] = None,
-        id2label: Optional[dict[str, str]] = None,
+        vae: AutoencoderKL | None = None,
+        id2label: dict[str, str] | None = None,
     ):
         super().__init__()
         self._setup(transformer, scheduler, vae, id2label)

@@ -12,7 +12,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import make_image_grid
 from PIL import Image
 
-
 GIF_FRAME_MS = 80
 # The final, denoised grid stays on screen longer before the GIF loops.
 GIF_FINAL_FRAME_MS = 1500

@@ -10,8 +10,8 @@ trained for, so that loading it into another architecture fails with a clear err
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
 
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
@@ -20,15 +20,14 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-
 logger = logging.get_logger(__name__)
 
-LoraSource = Union[str, os.PathLike, dict[str, torch.Tensor]]
+LoraSource = str | os.PathLike | dict[str, torch.Tensor]
 # Unprefixed key of the adapter metadata: diffusers' loaders pass on only the keys prefixed by the component name.
 DENOISER_CLASS_KEY = "denoiser_class"
 
 
-def read_lora_file(source: LoraSource, weight_name: Optional[str] = None, **hub_kwargs) -> tuple[dict, Optional[dict]]:
+def read_lora_file(source: LoraSource, weight_name: str | None = None, **hub_kwargs) -> tuple[dict, dict | None]:
     """Read a LoRA state dict and its adapter metadata from a file, a folder, a Hub repo id or a dict."""
     if isinstance(source, dict):
         return dict(source), None
@@ -53,10 +52,18 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
     _lora_loadable_modules: list[str]
 
     @classmethod
-    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: LoraSource, return_lora_metadata: bool = False, **kwargs):
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict: LoraSource, return_lora_metadata: bool = False, **kwargs
+    ):
         """The LoRA state dict (and, with `return_lora_metadata`, its adapter metadata) of a file, folder or repo."""
-        hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder") if k in kwargs}
-        state_dict, metadata = read_lora_file(pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None), **hub_kwargs)
+        hub_kwargs = {
+            k: kwargs.pop(k)
+            for k in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            if k in kwargs
+        }
+        state_dict, metadata = read_lora_file(
+            pretrained_model_name_or_path_or_dict, kwargs.pop("weight_name", None), **hub_kwargs
+        )
         if kwargs:
             raise ValueError(f"Unexpected arguments {sorted(kwargs)} for `lora_state_dict`.")
         return (state_dict, metadata) if return_lora_metadata else state_dict
@@ -76,7 +83,9 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             )
         non_lora = [k for k in keys if ".lora_" not in k]
         if non_lora:
-            raise ValueError(f"Not a LoRA file: keys without a LoRA part ('.lora_A', '.lora_B', ...), e.g. {non_lora[:5]}.")
+            raise ValueError(
+                f"Not a LoRA file: keys without a LoRA part ('.lora_A', '.lora_B', ...), e.g. {non_lora[:5]}."
+            )
         module_names = {name for name, _ in getattr(self, name).named_modules()}
         missing = sorted({k[len(name) + 1 :].split(".lora_")[0] for k in keys} - module_names)
         if missing:
@@ -88,14 +97,16 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
     def load_lora_weights(
         self,
         pretrained_model_name_or_path_or_dict: LoraSource,
-        adapter_name: Optional[str] = None,
+        adapter_name: str | None = None,
         hotswap: bool = False,
         **kwargs,
     ):
         """Load a LoRA file (diffusers format) into the denoiser as adapter `adapter_name`."""
         name = self._lora_loadable_modules[0]
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
-        state_dict, metadata = self.lora_state_dict(pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs)
+        state_dict, metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
+        )
         trained_for, denoiser_class = (metadata or {}).get(DENOISER_CLASS_KEY), getattr(self, name).__class__.__name__
         if trained_for is not None and trained_for != denoiser_class:
             raise ValueError(
@@ -104,7 +115,9 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             )
         self._check_lora_keys(state_dict)
         if metadata is None:
-            logger.warning(f"The LoRA file carries no LoraConfig metadata: `lora_alpha` of `{name}` is taken equal to the rank.")
+            logger.warning(
+                f"The LoRA file carries no LoraConfig metadata: `lora_alpha` of `{name}` is taken equal to the rank."
+            )
         getattr(self, name).load_lora_adapter(
             state_dict,
             prefix=name,
@@ -117,7 +130,15 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
 
     @classmethod
     def _save_denoiser_lora(
-        cls, save_directory, layers, metadata, is_main_process, weight_name, save_function, safe_serialization, denoiser_class=None
+        cls,
+        save_directory,
+        layers,
+        metadata,
+        is_main_process,
+        weight_name,
+        save_function,
+        safe_serialization,
+        denoiser_class=None,
     ):
         name = cls._lora_loadable_modules[0]
         if not layers:
@@ -140,7 +161,9 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             lora_adapter_metadata=metadata,
         )
 
-    def save_denoiser_lora(self, save_directory: Union[str, os.PathLike], adapter_name: str = "default", weight_name: Optional[str] = None):
+    def save_denoiser_lora(
+        self, save_directory: str | os.PathLike, adapter_name: str = "default", weight_name: str | None = None
+    ):
         """Save one adapter of the denoiser, with its LoraConfig and the denoiser's class, in the pipeline LoRA format."""
         from peft.utils import get_peft_model_state_dict
 
@@ -160,7 +183,14 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             denoiser_class=denoiser.__class__.__name__,
         )
 
-    def fuse_lora(self, components: Optional[list[str]] = None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Optional[list[str]] = None, **kwargs):
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
         """Merge the active (or named) adapters into the denoiser's weights."""
         super().fuse_lora(
             components=components or self._lora_loadable_modules,
@@ -170,7 +200,7 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
             **kwargs,
         )
 
-    def unfuse_lora(self, components: Optional[list[str]] = None, **kwargs):
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         """Undo `fuse_lora`."""
         super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
 
@@ -183,17 +213,23 @@ class UNetLoraLoaderMixin(DenoiserLoraLoaderMixin):
     @classmethod
     def save_lora_weights(
         cls,
-        save_directory: Union[str, os.PathLike],
-        unet_lora_layers: Optional[dict[str, torch.Tensor]] = None,
+        save_directory: str | os.PathLike,
+        unet_lora_layers: dict[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
-        weight_name: Optional[str] = None,
-        save_function: Optional[Callable] = None,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
         safe_serialization: bool = True,
-        unet_lora_adapter_metadata: Optional[dict] = None,
+        unet_lora_adapter_metadata: dict | None = None,
     ):
         """Write `unet_lora_layers` and their LoraConfig as `pytorch_lora_weights.safetensors`."""
         cls._save_denoiser_lora(
-            save_directory, unet_lora_layers, unet_lora_adapter_metadata, is_main_process, weight_name, save_function, safe_serialization
+            save_directory,
+            unet_lora_layers,
+            unet_lora_adapter_metadata,
+            is_main_process,
+            weight_name,
+            save_function,
+            safe_serialization,
         )
 
 
@@ -205,13 +241,13 @@ class TransformerLoraLoaderMixin(DenoiserLoraLoaderMixin):
     @classmethod
     def save_lora_weights(
         cls,
-        save_directory: Union[str, os.PathLike],
-        transformer_lora_layers: Optional[dict[str, torch.Tensor]] = None,
+        save_directory: str | os.PathLike,
+        transformer_lora_layers: dict[str, torch.Tensor] | None = None,
         is_main_process: bool = True,
-        weight_name: Optional[str] = None,
-        save_function: Optional[Callable] = None,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
         safe_serialization: bool = True,
-        transformer_lora_adapter_metadata: Optional[dict] = None,
+        transformer_lora_adapter_metadata: dict | None = None,
     ):
         """Write `transformer_lora_layers` and their LoraConfig as `pytorch_lora_weights.safetensors`."""
         cls._save_denoiser_lora(

@@ -2,10 +2,8 @@
 usage snippet. Training writes both kinds here; `push_to_hub` uses the pipeline card."""
 
 from pathlib import Path
-from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
 
 SAMPLE_GRID_FILENAME = "samples.png"
 # The Hub has no class-conditional image generation task; this is the closest one it knows.
@@ -30,7 +28,7 @@ def infer_objective(pipeline) -> str:
 
 
 def _usage_snippet(
-    repo_id: str, num_classes: Optional[int], num_inference_steps: int, guidance_scale: float, lora: Optional[str] = None
+    repo_id: str, num_classes: int | None, num_inference_steps: int, guidance_scale: float, lora: str | None = None
 ) -> str:
     """Code that loads `repo_id` (with adapter `lora` on top, if given) and samples a few images, runnable as written."""
     adapter = []
@@ -66,14 +64,14 @@ def build_model_card(
     repo_id: str,
     pipeline=None,
     *,
-    architecture: Optional[str] = None,
-    objective: Optional[str] = None,
-    dataset: Optional[str] = None,
-    metrics: Optional[list[dict]] = None,
+    architecture: str | None = None,
+    objective: str | None = None,
+    dataset: str | None = None,
+    metrics: list[dict] | None = None,
     license: str = "apache-2.0",
     num_inference_steps: int = 25,
     guidance_scale: float = 1.0,
-    training_details: Optional[str] = None,
+    training_details: str | None = None,
 ) -> ModelCard:
     """A Hub model card for a class-conditional pipeline.
 
@@ -100,7 +98,12 @@ def build_model_card(
     num_classes = pipeline.denoiser.config.num_classes if pipeline is not None else None
     model_name = repo_id.split("/")[-1]
 
-    tags = ["diffusers", architecture, OBJECTIVE_TAGS[objective], "class-conditional" if num_classes else "unconditional"]
+    tags = [
+        "diffusers",
+        architecture,
+        OBJECTIVE_TAGS[objective],
+        "class-conditional" if num_classes else "unconditional",
+    ]
     eval_results = None
     if metrics and dataset:
         eval_results = [
@@ -147,8 +150,11 @@ def build_model_card(
         sections += ["## Training", training_details]
     details = [f"- Hub task tag: `{PIPELINE_TAG}` (the Hub has no class-conditional image generation task)."]
     if pipeline is not None:
-        details.insert(0, f"- Pipeline: `{pipeline.__class__.__name__}`, denoiser `{pipeline.denoiser.__class__.__name__}`, "
-                       f"scheduler `{pipeline.scheduler.__class__.__name__}`.")
+        details.insert(
+            0,
+            f"- Pipeline: `{pipeline.__class__.__name__}`, denoiser `{pipeline.denoiser.__class__.__name__}`, "
+            f"scheduler `{pipeline.scheduler.__class__.__name__}`.",
+        )
         if pipeline.config.get("id2label"):
             names = ", ".join(f"{k}: {v}" for k, v in pipeline.config["id2label"].items())
             details.append(f"- Classes (`class_labels` accepts ids or these names): {names}.")
@@ -156,7 +162,7 @@ def build_model_card(
     return _render(card_data, sections)
 
 
-def _check_metrics(metrics: Optional[list[dict]]) -> list[dict]:
+def _check_metrics(metrics: list[dict] | None) -> list[dict]:
     metrics = metrics or []
     for metric in metrics:
         if not {"name", "value", "num_samples"} <= set(metric):
@@ -182,12 +188,12 @@ def build_lora_model_card(
     base: str,
     lora_config,
     training_data: str,
-    dataset: Optional[str] = None,
-    metrics: Optional[list[dict]] = None,
+    dataset: str | None = None,
+    metrics: list[dict] | None = None,
     license: str = "apache-2.0",
     num_inference_steps: int = 25,
     guidance_scale: float = 1.0,
-    training_details: Optional[str] = None,
+    training_details: str | None = None,
 ) -> ModelCard:
     """A Hub model card for a LoRA adapter of a class-conditional pipeline.
 
@@ -216,8 +222,11 @@ def build_lora_model_card(
     snippet = _usage_snippet(base, denoiser.config.num_classes, num_inference_steps, guidance_scale, lora=repo_id)
     rows = [
         ("Base model", f"`{base}`"),
-        ("Denoiser", f"`{type(denoiser).__name__}` ({ARCHITECTURE_NAMES.get(architecture, architecture)}, "
-                     f"component `{pipeline.denoiser_name}`)"),
+        (
+            "Denoiser",
+            f"`{type(denoiser).__name__}` ({ARCHITECTURE_NAMES.get(architecture, architecture)}, "
+            f"component `{pipeline.denoiser_name}`)",
+        ),
         ("Rank / alpha / dropout", f"{lora_config.r} / {lora_config.lora_alpha} / {lora_config.lora_dropout}"),
         ("Target modules", ", ".join(f"`{m}`" for m in sorted(lora_config.target_modules))),
         ("Trainable parameters", f"{trainable:,} ({100 * trainable / base_count:.2f}% of the base's {base_count:,})"),

@@ -18,7 +18,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-
 MAX_BODY_BYTES = 64 * 1024 * 1024
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 
@@ -158,7 +157,9 @@ def _handler_for(hub: FakeHub):
         def preupload(self, repo: str, revision: str):
             files = json.loads(self._body())["files"]
             if self._repo(repo):
-                self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                self._json(
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+                )
 
         def commit(self, repo: str, revision: str):
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
@@ -187,7 +188,16 @@ def _handler_for(hub: FakeHub):
             if resolved is None:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
             sha, files = resolved
-            self._json({"id": repo, "modelId": repo, "sha": sha, "private": False, "tags": [], "siblings": [{"rfilename": p} for p in sorted(files)]})
+            self._json(
+                {
+                    "id": repo,
+                    "modelId": repo,
+                    "sha": sha,
+                    "private": False,
+                    "tags": [],
+                    "siblings": [{"rfilename": p} for p in sorted(files)],
+                }
+            )
 
         def tree(self, repo: str, revision: str, folder: str = ""):
             repository = self._repo(repo)
@@ -205,7 +215,11 @@ def _handler_for(hub: FakeHub):
                 parts = path.split("/")
                 folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
                 entries.append({"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()})
-            entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0} for f in sorted(folders) if f.startswith(prefix)]
+            entries += [
+                {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0}
+                for f in sorted(folders)
+                if f.startswith(prefix)
+            ]
             self._json(entries)
 
         def resolve(self, repo: str, revision: str, file: str):

@@ -9,7 +9,6 @@ from custom_models.unet import ScratchUNetModel
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
 from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
 
-
 MODELS = {"unet": ScratchUNetModel, "dit": ScratchDiTModel, "mmdit": ScratchMMDiTModel}
 # Ours and the matching diffusers scheduler, per family: they must give the same images.
 SCHEDULER_FAMILIES = {
@@ -18,7 +17,10 @@ SCHEDULER_FAMILIES = {
     "flow": (ScratchFlowMatchEulerScheduler, FlowMatchEulerDiscreteScheduler),
 }
 SCHEDULERS = {cls.__name__: cls for pair in SCHEDULER_FAMILIES.values() for cls in pair}
-ID2LABEL = {str(i): name for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])}
+ID2LABEL = {
+    str(i): name
+    for i, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+}
 # One short call used everywhere: two labels, CFG on (conditional and null passes batched), two steps.
 CALL = dict(class_labels=[3, 7], num_inference_steps=2, guidance_scale=2.0, output_type="pt")
 

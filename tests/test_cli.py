@@ -12,13 +12,12 @@ import torch
 from peft import LoraConfig
 from PIL import Image
 
+from commands import compare, evaluate, sample
 from custom_models.unet import ScratchUNetModel
 from custom_schedulers import ScratchDDIMScheduler
-from pipelines import ClassConditionalUNetPipeline
-from commands import compare, evaluate, sample
 from evaluation import inception_fid, metrics
+from pipelines import ClassConditionalUNetPipeline
 from training import train as train_module
-
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,16 +60,29 @@ def lora_dir(pipeline_dir, tmp_path_factory):
 
 
 def _sample(pipeline_dir, out, *extra):
-    return sample.main([str(pipeline_dir), "--num_inference_steps", "2", "--class_labels", "3,7",
-                        "--num_images_per_label", "2", "--out", str(out), *extra])
+    return sample.main(
+        [
+            str(pipeline_dir),
+            "--num_inference_steps",
+            "2",
+            "--class_labels",
+            "3,7",
+            "--num_images_per_label",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # sample
 # --------------------------------------------------------------------------------------------------
 def test_sample_writes_a_grid_and_a_trajectory_gif(pipeline_dir, tmp_path, capsys):
-    result = _sample(pipeline_dir, tmp_path / "grid.png", "--gif", str(tmp_path / "trajectory.gif"),
-                     "--scheduler", "DDPMScheduler")
+    result = _sample(
+        pipeline_dir, tmp_path / "grid.png", "--gif", str(tmp_path / "trajectory.gif"), "--scheduler", "DDPMScheduler"
+    )
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 8, 2 * 8)
     gif = Image.open(tmp_path / "trajectory.gif")
@@ -101,10 +113,14 @@ def test_sample_with_lora_at_scale_zero_is_the_base_model_and_at_one_differs(pip
 def test_sample_refuses_bad_inputs(pipeline_dir, tmp_path):
     with pytest.raises(ValueError, match="Pipeline folder not found"):
         _sample(tmp_path / "missing", tmp_path / "g.png")
-    with pytest.raises(ValueError, match=r"Unknown scheduler 'NoSuchScheduler'.*ScratchDDIMScheduler.*EulerDiscreteScheduler"):
+    with pytest.raises(
+        ValueError, match=r"Unknown scheduler 'NoSuchScheduler'.*ScratchDDIMScheduler.*EulerDiscreteScheduler"
+    ):
         _sample(pipeline_dir, tmp_path / "g.png", "--scheduler", "NoSuchScheduler")
     with pytest.raises(ValueError, match=r"Class label\(s\) \[12\] out of range"):
-        sample.main([str(pipeline_dir), "--class_labels", "12", "--num_inference_steps", "1", "--out", str(tmp_path / "g.png")])
+        sample.main(
+            [str(pipeline_dir), "--class_labels", "12", "--num_inference_steps", "1", "--out", str(tmp_path / "g.png")]
+        )
     with pytest.raises(ValueError, match="must end in one of .png"):
         _sample(pipeline_dir, tmp_path / "grid.txt")
     with pytest.raises(ValueError, match="not a pipeline folder"):
@@ -118,7 +134,11 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env.pop("PYTEST_XDIST_WORKER", None)
     completed = subprocess.run(
         [sys.executable, "-m", "commands.sample", str(tmp_path / "missing")],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
     )
     assert completed.returncode == 2
     assert f"error: Pipeline folder not found: {tmp_path / 'missing'}" in completed.stderr
@@ -129,18 +149,40 @@ def test_sample_loads_a_hub_repo_id(pipeline_dir, tmp_path):
     from hub_server import FakeHub, Repo
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"
+    )
     env.pop("PYTEST_XDIST_WORKER", None)
     with FakeHub() as hub:
         repo = hub.repos["user/tiny-unet"] = Repo("user/tiny-unet")
-        files = {path.relative_to(pipeline_dir).as_posix(): path.read_bytes() for path in pipeline_dir.rglob("*") if path.is_file()}
+        files = {
+            path.relative_to(pipeline_dir).as_posix(): path.read_bytes()
+            for path in pipeline_dir.rglob("*")
+            if path.is_file()
+        }
         repo.commit(files, set(), "upload the tiny pipeline")
         # HF_ENDPOINT is read when huggingface_hub is imported: a fresh process.
         env["HF_ENDPOINT"] = hub.url
         completed = subprocess.run(
-            [sys.executable, "-m", "commands.sample", "user/tiny-unet", "--num_inference_steps", "2",
-             "--class_labels", "1", "--num_images_per_label", "2", "--out", str(tmp_path / "hub.png")],
-            capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "commands.sample",
+                "user/tiny-unet",
+                "--num_inference_steps",
+                "2",
+                "--class_labels",
+                "1",
+                "--num_images_per_label",
+                "2",
+                "--out",
+                str(tmp_path / "hub.png"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
         )
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert f"wrote {tmp_path / 'hub.png'}" in completed.stdout
@@ -156,8 +198,20 @@ def test_evaluate_writes_json_markdown_and_samples(pipeline_dir, tmp_path, monke
 
     monkeypatch.setattr(inception_fid, "find_inception_weights", absent)
     output = tmp_path / "eval"
-    evaluate.main([str(pipeline_dir), "--num_samples_per_class", "2", "--num_inference_steps", "2",
-                   "--scheduler", "DDIMScheduler", "--output_dir", str(output), "--inception"])
+    evaluate.main(
+        [
+            str(pipeline_dir),
+            "--num_samples_per_class",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--scheduler",
+            "DDIMScheduler",
+            "--output_dir",
+            str(output),
+            "--inception",
+        ]
+    )
     results = json.loads((output / "evaluation.json").read_text())
     assert results["num_samples"] == 20 and results["scheduler"] == "DDIMScheduler"
     assert results["fid_mnist"] > 0 and 0 <= results["gan_test_acc"] <= 1
@@ -183,10 +237,30 @@ def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):
 # compare, on real (tiny) training runs that evaluate through `evaluate_pipeline` each epoch
 # --------------------------------------------------------------------------------------------------
 TINY_RUN = [
-    "--model.preset", "tiny", "--data.max_train_samples", "16", "--data.num_validation_samples", "4",
-    "--train.batch_size", "8", "--train.num_epochs", "2", "--train.report_to", "none",
-    "--eval.num_inference_steps", "2", "--eval.images_per_class", "1", "--eval.gif", "false",
-    "--eval.every_epochs", "1", "--eval.fid_n", "2", "--checkpoint.every_steps", "0",
+    "--model.preset",
+    "tiny",
+    "--data.max_train_samples",
+    "16",
+    "--data.num_validation_samples",
+    "4",
+    "--train.batch_size",
+    "8",
+    "--train.num_epochs",
+    "2",
+    "--train.report_to",
+    "none",
+    "--eval.num_inference_steps",
+    "2",
+    "--eval.images_per_class",
+    "1",
+    "--eval.gif",
+    "false",
+    "--eval.every_epochs",
+    "1",
+    "--eval.fid_n",
+    "2",
+    "--checkpoint.every_steps",
+    "0",
 ]
 
 
@@ -202,11 +276,15 @@ def run_dirs(tmp_path_factory):
 
 def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, capsys):
     output = tmp_path / "comparison"
-    result = compare.main([*map(str, run_dirs), "--output_dir", str(output), "--num_inference_steps", "2",
-                           "--images_per_label", "1"])
+    result = compare.main(
+        [*map(str, run_dirs), "--output_dir", str(output), "--num_inference_steps", "2", "--images_per_label", "1"]
+    )
     markdown = (output / "comparison.md").read_text()
     # 16 images in batches of 8 for 2 epochs: 4 optimizer steps.
-    assert "| unet_run | unet `tiny` | ddpm | 4 x 8 |" in markdown and "| dit_run | dit `tiny` | ddpm | 4 x 8 |" in markdown
+    assert (
+        "| unet_run | unet `tiny` | ddpm | 4 x 8 |" in markdown
+        and "| dit_run | dit `tiny` | ddpm | 4 x 8 |" in markdown
+    )
     assert "(N=20)" in markdown and "sampling s/img (2 steps)" in markdown
     for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):
         assert Image.open(output / name).size[0] > 100
@@ -216,7 +294,9 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
     assert [run["name"] for run in summary] == ["unet_run", "dit_run"]
     for run in summary:
         assert run["fid_mnist"] > 0 and run["metric_num_samples"] == 20 and run["parameters"] > 0
-        assert run["sampling_s_per_image"] > 0 and run["epochs"] == 2 and run["steps"] == 4 and run["batch_per_step"] == 8
+        assert (
+            run["sampling_s_per_image"] > 0 and run["epochs"] == 2 and run["steps"] == 4 and run["batch_per_step"] == 8
+        )
     assert len(result["files"]) == 7
     assert "compared 2 runs" in capsys.readouterr().out
 

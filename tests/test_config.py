@@ -7,30 +7,54 @@ import yaml
 
 from training.config import RECIPES_DIR, Config, ConfigError, from_dict, load_config, save_config, to_dict
 
-
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_every_recipe_loads_and_its_header_says_how_to_run_it(tmp_path):
     assert {p.stem for p in RECIPES} >= {
-        "quickstart", "mnist_unet_eps", "mnist_unet_v", "mnist_mmdit_flow", "mnist_dit_gqa", "mnist_unet_mha",
-        "mnist_ddpm_original", "mnist_unet_x0", "mnist_ldm", "cifar10_unet", "cifar10_dit",
+        "quickstart",
+        "mnist_unet_eps",
+        "mnist_unet_v",
+        "mnist_mmdit_flow",
+        "mnist_dit_gqa",
+        "mnist_unet_mha",
+        "mnist_ddpm_original",
+        "mnist_unet_x0",
+        "mnist_ldm",
+        "cifar10_unet",
+        "cifar10_dit",
     }
     for recipe in RECIPES:
         header = [line for line in recipe.read_text().splitlines() if line.startswith("#")]
         assert f"--config configs/{recipe.name}" in "\n".join(header), recipe
         # The LDM recipe points at a VAE that `training/train_vae.py` writes; any existing folder passes the check.
-        config = load_config(["--config", str(recipe), "--model.vae", str(tmp_path)] if "ldm" in recipe.stem else ["--config", str(recipe)])
+        config = load_config(
+            ["--config", str(recipe), "--model.vae", str(tmp_path)]
+            if "ldm" in recipe.stem
+            else ["--config", str(recipe)]
+        )
         assert config.output_dir == f"outputs/{recipe.stem}"
 
 
 def test_overrides_are_dotted_yaml_values_merged_into_the_recipe():
     recipe = RECIPES_DIR / "mnist_ddpm_original.yaml"
-    config = load_config([
-        "--config", str(recipe), "--train.batch_size", "64", "--optim.learning_rate=1e-3", "--ema.enabled", "false",
-        "--model.overrides.num_attention_heads", "2", "--checkpoint.checkpoints_total_limit", "null",
-        "--output_dir", "/tmp/x",
-    ])
+    config = load_config(
+        [
+            "--config",
+            str(recipe),
+            "--train.batch_size",
+            "64",
+            "--optim.learning_rate=1e-3",
+            "--ema.enabled",
+            "false",
+            "--model.overrides.num_attention_heads",
+            "2",
+            "--checkpoint.checkpoints_total_limit",
+            "null",
+            "--output_dir",
+            "/tmp/x",
+        ]
+    )
     assert config.train.batch_size == 64
     assert config.optim.learning_rate == 1e-3 and isinstance(config.optim.learning_rate, float)
     assert config.ema.enabled is False
@@ -49,12 +73,16 @@ def test_no_and_off_are_words_and_only_true_false_are_booleans(tmp_path):
     recipe.write_text("train:\n  mixed_precision: no\neval:\n  gif: False\n")
     config = load_config(["--config", str(recipe)])
     assert config.train.mixed_precision == "no" and config.eval.gif is False
-    with pytest.raises(ConfigError, match=r"eval.gif expects type bool, got 'off' \(str\) \(booleans are spelled true / false\)"):
+    with pytest.raises(
+        ConfigError, match=r"eval.gif expects type bool, got 'off' \(str\) \(booleans are spelled true / false\)"
+    ):
         load_config(["--eval.gif", "off"])
     assert yaml.safe_load("no") is False  # the loader change stays local to the config
 
 
-@pytest.mark.parametrize("architecture, old, new", [("dit", "seed000", "large"), ("unet", "seed003", "medium-cross-attention")])
+@pytest.mark.parametrize(
+    "architecture, old, new", [("dit", "seed000", "large"), ("unet", "seed003", "medium-cross-attention")]
+)
 def test_a_saved_run_config_with_a_renamed_preset_still_trains(tmp_path, architecture, old, new):
     # A run's config.yaml records model.preset; one written before the rename loads, and building its model warns.
     import torch
@@ -70,7 +98,9 @@ def test_a_saved_run_config_with_a_renamed_preset_still_trains(tmp_path, archite
         model = build_model(config.model, sample_size=32, in_channels=1, num_classes=10)
     config.model.preset = new
     with torch.device("meta"):
-        assert dict(model.config) == dict(build_model(config.model, sample_size=32, in_channels=1, num_classes=10).config)
+        assert dict(model.config) == dict(
+            build_model(config.model, sample_size=32, in_channels=1, num_classes=10).config
+        )
 
 
 def test_defaults_run_without_a_recipe():
@@ -91,20 +121,32 @@ def test_defaults_run_without_a_recipe():
         (["--train.batch_size", "0"], r"train.batch_size must be >= 1, got 0"),
         (["--objective.label_dropout", "1.5"], r"objective.label_dropout must be <= 1.0, got 1.5"),
         (["--model.architecture", "vit"], r"model.architecture must be one of \['unet', 'dit', 'mmdit'\], got 'vit'"),
-        (["--objective.name", "score_sde"], r"objective.name must be one of \['ddpm', 'flow_matching'\], got 'score_sde'"),
+        (
+            ["--objective.name", "score_sde"],
+            r"objective.name must be one of \['ddpm', 'flow_matching'\], got 'score_sde'",
+        ),
         (["--objective.prediction_type", "x0"], r"must be one of \['epsilon', 'v_prediction', 'sample'\], got 'x0'"),
         (["--objective.timestep_sampling", "cosine"], r"must be one of \['uniform', 'logit_normal', 'mode'\]"),
         (["--optim.lr_scheduler", "onecycle"], r"optim.lr_scheduler must be one of \[.*'cosine'"),
         (["--model.preset", "huge"], r"model.preset 'huge' is not a unet preset; available: \[.*'tiny'"),
-        (["--model.architecture", "dit", "--model.overrides.hidden_sise", "8"], r"Unknown key model.overrides.hidden_sise.*'hidden_size'"),
+        (
+            ["--model.architecture", "dit", "--model.overrides.hidden_sise", "8"],
+            r"Unknown key model.overrides.hidden_sise.*'hidden_size'",
+        ),
         (["--model.overrides.num_classes", "3"], r"model.overrides.num_classes is set from the data"),
-        (["--objective.name", "flow_matching", "--eval.sampler", "ddim"], r"eval.sampler 'ddim' cannot sample a flow-matching"),
+        (
+            ["--objective.name", "flow_matching", "--eval.sampler", "ddim"],
+            r"eval.sampler 'ddim' cannot sample a flow-matching",
+        ),
         (["--objective.name", "flow_matching", "--objective.snr_gamma", "5"], r"snr_gamma .* DDPM family only"),
         (["--eval.fid_n", "1"], r"eval.fid_n must be 0 \(no metrics\) or >= 2"),
         (["--hub.push_to_hub", "true"], r"hub.hub_model_id is not set"),
         (["--model.vae", "/no/such/vae"], r"model.vae folder '/no/such/vae' does not exist; train it first"),
         (["--checkpoint.resume_from_checkpoint", "/no/such"], r"neither 'latest' nor a checkpoint folder"),
-        (["--config", "configs/nope.yaml"], r"Recipe file 'configs/nope.yaml' not found; available recipes: \[.*configs/quickstart.yaml"),
+        (
+            ["--config", "configs/nope.yaml"],
+            r"Recipe file 'configs/nope.yaml' not found; available recipes: \[.*configs/quickstart.yaml",
+        ),
         (["--train.batch_size"], r"Missing value after '--train.batch_size'"),
         (["train.batch_size", "4"], r"Expected '--key value' arguments"),
         (["--train", "4"], r"train must be a mapping of keys, got 4"),
@@ -164,7 +206,9 @@ def test_help_describes_every_key_of_both_commands(command, capsys):
             shown[line.split()[0][2:]] = lines[i + 1] if i + 1 < len(lines) else ""
     cls = Config if command == "training.train" else module.LoraTrainingConfig
     assert sorted(shown) == sorted(leaf_keys(cls)) and len(shown) >= 60
-    undescribed = [key for key, description in shown.items() if not description.startswith("      ") or not description.strip()]
+    undescribed = [
+        key for key, description in shown.items() if not description.startswith("      ") or not description.strip()
+    ]
     assert not undescribed, f"keys without a description in --help: {undescribed}"
 
 

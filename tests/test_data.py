@@ -23,7 +23,6 @@ from image_data import (
     load_mnist_arrays,
 )
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_COUNTS = {
     "train": [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
@@ -61,7 +60,7 @@ def build_mnist():
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mnist_arrays(split):
     """Decoded once per test process: the 60k training images take seconds."""
     return load_mnist_arrays(split)

@@ -64,12 +64,17 @@ def test_model_attention_modules_match_reference(num_kv_heads):
     for block in model.transformer_blocks:
         attention = block.attn
         assert attention.to_k.out_features == attention.to_v.out_features == num_kv_heads * head_dim
-        expected = reference_attention(x, attention.to_q, attention.to_k, attention.to_v, attention.to_out, 4, num_kv_heads)
+        expected = reference_attention(
+            x, attention.to_q, attention.to_k, attention.to_v, attention.to_out, 4, num_kv_heads
+        )
         torch.testing.assert_close(attention(x), expected)
 
 
 def test_kv_heads_shrink_the_parameter_count():
-    counts = {kv: sum(p.numel() for p in ScratchDiTModel.from_preset("iso-1.7m", num_kv_heads=kv).parameters()) for kv in (4, 2, 1)}
+    counts = {
+        kv: sum(p.numel() for p in ScratchDiTModel.from_preset("iso-1.7m", num_kv_heads=kv).parameters())
+        for kv in (4, 2, 1)
+    }
     # Per block, K and V each lose (4 - kv) heads of 32 channels: 2 * (128 + 1) * 32 * (4 - kv) parameters.
     assert counts[4] - counts[2] == 6 * 2 * 129 * 32 * 2
     assert counts[4] - counts[1] == 6 * 2 * 129 * 32 * 3
@@ -84,7 +89,9 @@ def test_patch_sizes(patch_size):
 def test_unpatchify_inverts_the_token_layout():
     image = torch.randn(2, 3, 8, 8)
     grid, patch = 2, 4
-    tokens = image.view(2, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1).reshape(2, grid * grid, patch * patch * 3)
+    tokens = (
+        image.view(2, 3, grid, patch, grid, patch).permute(0, 2, 4, 3, 5, 1).reshape(2, grid * grid, patch * patch * 3)
+    )
     torch.testing.assert_close(unpatchify(tokens, grid, patch, 3), image, rtol=0, atol=0)
     # Token i of patchify is the patch at row i // grid, column i % grid, as unpatchify places it.
     conv = torch.nn.Conv2d(3, 5, kernel_size=patch, stride=patch)

@@ -6,7 +6,6 @@ import scipy.linalg
 import torch
 
 from evaluation import inception_fid, metrics
-from image_data import ImageTransform, load_mnist_arrays
 from evaluation.metrics import (
     classifier_outputs,
     evaluate_images,
@@ -20,7 +19,13 @@ from evaluation.metrics import (
     to_classifier_input,
     uint8_to_classifier_input,
 )
-from evaluation.mnist_classifier import MNIST_CLASSIFIER_PATH, MNIST_CLASSIFIER_SHA256, load_mnist_classifier, sha256_of_file
+from evaluation.mnist_classifier import (
+    MNIST_CLASSIFIER_PATH,
+    MNIST_CLASSIFIER_SHA256,
+    load_mnist_classifier,
+    sha256_of_file,
+)
+from image_data import ImageTransform, load_mnist_arrays
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -130,7 +135,9 @@ def test_single_class_samples_give_that_class_share_and_a_low_inception_score(cl
 def test_frechet_distance_matches_a_float64_reference_formula(reference):
     generator = torch.Generator().manual_seed(0)
     real = reference["features"][:3000]
-    fake = real[torch.randperm(3000, generator=generator)[:2000]] * 1.1 + 0.05 * torch.randn(2000, 128, generator=generator)
+    fake = real[torch.randperm(3000, generator=generator)[:2000]] * 1.1 + 0.05 * torch.randn(
+        2000, 128, generator=generator
+    )
     a, b = real.double().numpy(), fake.double().numpy()
     mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
@@ -224,12 +231,16 @@ def tiny_unet_pipeline(num_classes: int = 10):
 
 def test_evaluate_pipeline_reports_every_metric_with_its_sample_count():
     pipeline = tiny_unet_pipeline()
-    results = evaluate_pipeline(pipeline, num_samples_per_class=2, num_inference_steps=2, guidance_scale=2.0, seed=0, batch_size=8)
+    results = evaluate_pipeline(
+        pipeline, num_samples_per_class=2, num_inference_steps=2, guidance_scale=2.0, seed=0, batch_size=8
+    )
     for key in ("fid_mnist", "gan_test_acc", "inception_score", "precision", "recall", "kid_mean", "kid_std"):
         assert isinstance(results[key], float) and np.isfinite(results[key]), key
     assert results["num_samples"] == 20 and results["num_reference_samples"] == 10_000
     assert results["scheduler"] == "ScratchDDIMScheduler" and results["classifier_sha256"] == MNIST_CLASSIFIER_SHA256
-    again = evaluate_pipeline(pipeline, num_samples_per_class=2, num_inference_steps=2, guidance_scale=2.0, seed=0, batch_size=8)
+    again = evaluate_pipeline(
+        pipeline, num_samples_per_class=2, num_inference_steps=2, guidance_scale=2.0, seed=0, batch_size=8
+    )
     assert again["fid_mnist"] == results["fid_mnist"]
 
     with pytest.raises(ValueError, match="num_samples_per_class must be an integer >= 2"):

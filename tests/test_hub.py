@@ -10,17 +10,19 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from huggingface_hub import ModelCard
 from hub_server import FakeHub
+from huggingface_hub import ModelCard
 from pipeline_helpers import CALL, run, tiny_pipeline
 from safetensors.torch import load_file
 
 from pipelines import build_model_card
 
-
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
-METRICS = [{"name": "FID-MNIST", "type": "fid", "value": 12.5, "num_samples": 1000}, {"name": "GAN-test accuracy", "type": "accuracy", "value": 0.93, "num_samples": 1000}]
+METRICS = [
+    {"name": "FID-MNIST", "type": "fid", "value": 12.5, "num_samples": 1000},
+    {"name": "GAN-test accuracy", "type": "accuracy", "value": 0.93, "num_samples": 1000},
+]
 
 # A fresh process: HF_ENDPOINT is read when huggingface_hub is imported, and the test process is offline.
 PUSH_AND_LOAD_SCRIPT = """
@@ -70,7 +72,10 @@ def push_and_load(tmp_path):
         env["HF_ENDPOINT"] = hub.url
         subprocess.run(
             [sys.executable, "-c", PUSH_AND_LOAD_SCRIPT, str(tmp_path), TOKEN, json.dumps(CALL), json.dumps(METRICS)],
-            check=True, cwd=tmp_path, env=env, timeout=240,
+            check=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=240,
         )
     return hub, expected
 
@@ -81,10 +86,16 @@ def test_push_to_hub_then_from_pretrained_repo_id(tmp_path):
     assert hub.unrouted == [], hub.unrouted
 
     # Loaded back from "user/tiny-dit": the right classes and the same images for the same seed.
-    assert json.loads((tmp_path / "loaded.json").read_text()) == ["ClassConditionalTransformerPipeline", "ScratchDiTModel", "ScratchFlowMatchEulerScheduler"]
+    assert json.loads((tmp_path / "loaded.json").read_text()) == [
+        "ClassConditionalTransformerPipeline",
+        "ScratchDiTModel",
+        "ScratchFlowMatchEulerScheduler",
+    ]
     assert torch.equal(load_file(tmp_path / "from_hub.safetensors")["images"], expected)
     files = hub.repos["user/tiny-dit"].resolve("main")[1]
-    assert {"model_index.json", "README.md", "samples.png", "transformer/diffusion_pytorch_model.safetensors"} <= set(files)
+    assert {"model_index.json", "README.md", "samples.png", "transformer/diffusion_pytorch_model.safetensors"} <= set(
+        files
+    )
     # The card's usage snippet ran as written, against the repo.
     assert PIL.Image.open(tmp_path / "sample.png").size == (8, 8)
 

@@ -35,12 +35,27 @@ def reference_joint_attention(attention, image, context, num_heads, num_kv_heads
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
         return x.transpose(1, 2)
 
-    q = torch.cat([project(attention.to_q, attention.norm_q, image, num_heads),
-                   project(attention.add_q_proj, attention.norm_added_q, context, num_heads)], dim=2)
-    k = torch.cat([project(attention.to_k, attention.norm_k, image, num_kv_heads),
-                   project(attention.add_k_proj, attention.norm_added_k, context, num_kv_heads)], dim=2)
-    v = torch.cat([project(attention.to_v, None, image, num_kv_heads),
-                   project(attention.add_v_proj, None, context, num_kv_heads)], dim=2)
+    q = torch.cat(
+        [
+            project(attention.to_q, attention.norm_q, image, num_heads),
+            project(attention.add_q_proj, attention.norm_added_q, context, num_heads),
+        ],
+        dim=2,
+    )
+    k = torch.cat(
+        [
+            project(attention.to_k, attention.norm_k, image, num_kv_heads),
+            project(attention.add_k_proj, attention.norm_added_k, context, num_kv_heads),
+        ],
+        dim=2,
+    )
+    v = torch.cat(
+        [
+            project(attention.to_v, None, image, num_kv_heads),
+            project(attention.add_v_proj, None, context, num_kv_heads),
+        ],
+        dim=2,
+    )
     k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
     v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
@@ -102,14 +117,24 @@ def test_text_context_any_length():
 
 
 def test_class_and_text_modes_in_one_model():
-    model = randomized(ScratchMMDiTModel.from_preset("tiny", num_classes=10, joint_attention_dim=24, pooled_projection_dim=16))
+    model = randomized(
+        ScratchMMDiTModel.from_preset("tiny", num_classes=10, joint_attention_dim=24, pooled_projection_dim=16)
+    )
     sample = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         by_class = model(sample, 5, class_labels=torch.tensor([1, 2])).sample
-        by_text = model(sample, 5, encoder_hidden_states=torch.randn(2, 4, 24), pooled_projections=torch.randn(2, 16)).sample
+        by_text = model(
+            sample, 5, encoder_hidden_states=torch.randn(2, 4, 24), pooled_projections=torch.randn(2, 16)
+        ).sample
     assert by_class.shape == by_text.shape == sample.shape
     with pytest.raises(ValueError, match="either"):
-        model(sample, 5, class_labels=torch.tensor([1, 2]), encoder_hidden_states=torch.randn(2, 4, 24), pooled_projections=torch.randn(2, 16))
+        model(
+            sample,
+            5,
+            class_labels=torch.tensor([1, 2]),
+            encoder_hidden_states=torch.randn(2, 4, 24),
+            pooled_projections=torch.randn(2, 16),
+        )
 
 
 def test_context_errors():
@@ -151,7 +176,10 @@ def test_position_table_is_float32_and_exact_after_fp16_loading(tmp_path):
     model = ScratchMMDiTModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
     table = model.position_table(torch.device("cpu"))
     assert table.dtype == torch.float32 and torch.equal(table, sincos_2d_position_embedding(32, 16, 16))
-    assert model(torch.randn(1, 1, 32, 32, dtype=torch.float16), 999, class_labels=torch.tensor([1])).sample.dtype == torch.float16
+    assert (
+        model(torch.randn(1, 1, 32, 32, dtype=torch.float16), 999, class_labels=torch.tensor([1])).sample.dtype
+        == torch.float16
+    )
 
 
 def test_preset_sizes():

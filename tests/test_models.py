@@ -113,7 +113,10 @@ def test_presets_save_and_load_in_a_fresh_process(saved_models):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(saved_models), str(torch.get_num_threads())],
-        check=True, cwd=REPO_ROOT, env=env, timeout=300,
+        check=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=300,
     )
     for (model_class, _), case_id in zip(CASES, CASE_IDS):
         directory = saved_models / case_id

@@ -37,8 +37,9 @@ def test_ddpm_targets_come_from_the_scheduler(beta_schedule):
         assert torch.equal(target, expected)
     # v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022), independently of the scheduler's method.
     torch.testing.assert_close(
-        DiffusionObjective(ScratchDDPMScheduler(beta_schedule=beta_schedule, prediction_type="v_prediction"))
-        .noisy_input_and_target(clean, noise, timesteps)[1],
+        DiffusionObjective(
+            ScratchDDPMScheduler(beta_schedule=beta_schedule, prediction_type="v_prediction")
+        ).noisy_input_and_target(clean, noise, timesteps)[1],
         abar.sqrt() * noise - (1 - abar).sqrt() * clean,
     )
 
@@ -62,7 +63,9 @@ def test_min_snr_weights_follow_the_formula(prediction_type):
     for t, weight in zip(timesteps.tolist(), weights.tolist()):
         abar = scheduler.alphas_cumprod[t].item()
         snr = abar / (1 - abar)
-        expected = {"epsilon": min(snr, 5) / snr, "v_prediction": min(snr, 5) / (snr + 1), "sample": min(snr, 5)}[prediction_type]
+        expected = {"epsilon": min(snr, 5) / snr, "v_prediction": min(snr, 5) / (snr + 1), "sample": min(snr, 5)}[
+            prediction_type
+        ]
         assert weight == pytest.approx(expected, rel=1e-5)
     # Low-noise steps (huge SNR) are clipped: weight gamma / SNR for epsilon, i.e. far below 1.
     if prediction_type == "epsilon":
@@ -76,7 +79,9 @@ def test_logit_normal_and_mode_samplers_match_their_distributions():
     scheduler = ScratchFlowMatchEulerScheduler()
     n = 200_000
     generator = torch.Generator().manual_seed(0)
-    sigmas = FlowMatchingObjective(scheduler, timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8).sample_sigmas(n, generator)
+    sigmas = FlowMatchingObjective(
+        scheduler, timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.8
+    ).sample_sigmas(n, generator)
     logits = torch.logit(sigmas.double())
     assert logits.mean().item() == pytest.approx(0.5, abs=0.01)
     assert logits.std().item() == pytest.approx(0.8, abs=0.01)

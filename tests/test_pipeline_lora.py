@@ -81,7 +81,9 @@ def test_file_is_diffusers_format_and_alpha_lives_in_the_metadata(tmp_path):
     # diffusers' own model-level loader reads the file as written.
     model = tiny_denoiser("dit").requires_grad_(False)
     model.load_lora_adapter(str(tmp_path), prefix="transformer", use_safetensors=True)
-    torch.testing.assert_close(run(frozen_pipeline("dit", "ScratchDDPMScheduler", denoiser=model)), with_lora, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        run(frozen_pipeline("dit", "ScratchDDPMScheduler", denoiser=model)), with_lora, rtol=0, atol=1e-6
+    )
 
     # Without the metadata a loader takes lora_alpha = r: half strength, a different image.
     stripped = tmp_path / "stripped"
@@ -101,7 +103,9 @@ def test_save_lora_weights_classmethod_needs_the_config(tmp_path):
     layers = get_peft_model_state_dict(pipe.unet)
     with pytest.raises(ValueError, match="unet_lora_adapter_metadata"):
         pipe.save_lora_weights(tmp_path, unet_lora_layers=layers)
-    pipe.save_lora_weights(tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    pipe.save_lora_weights(
+        tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict()
+    )
     state_dict, metadata = pipe.lora_state_dict(tmp_path, return_lora_metadata=True)
     assert set(state_dict) == {f"unet.{key}" for key in layers} and metadata["unet.lora_alpha"] == 8
 
@@ -109,8 +113,14 @@ def test_save_lora_weights_classmethod_needs_the_config(tmp_path):
 @pytest.mark.parametrize(
     "state_dict, message",
     [
-        ({"text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8)}, r"only into `transformer`.*text_encoder\.layers"),
-        ({"transformer.blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 8)}, r"match no module of `transformer`.*blocks\.9\.attn\.to_q"),
+        (
+            {"text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8)},
+            r"only into `transformer`.*text_encoder\.layers",
+        ),
+        (
+            {"transformer.blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 8)},
+            r"match no module of `transformer`.*blocks\.9\.attn\.to_q",
+        ),
         ({"transformer.transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 8)}, "Not a LoRA file"),
     ],
 )

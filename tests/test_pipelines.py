@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 import pipelines
 from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
 
-
 ROOT = Path(__file__).resolve().parents[1]
 UNCONDITIONAL_CALL = dict(class_labels=None, guidance_scale=1.0, num_images_per_label=2)
 
@@ -54,7 +53,11 @@ with open(f"{root}/loaded.json", "w") as f:
 
 def subprocess_env() -> dict:
     # One thread: tiny models gain nothing from more, and spinning threads stall a shared 2-core machine.
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,11 @@ def saved(tmp_path_factory):
     """Every model x scheduler, plus a latent (VAE) and an unconditional pipeline: run once, then saved."""
     root = tmp_path_factory.mktemp("saved_pipelines")
     denoisers = {kind: tiny_denoiser(kind) for kind in MODELS}
-    cases = {f"{kind}-{scheduler}": tiny_pipeline(kind, scheduler, denoiser=denoisers[kind]) for kind in MODELS for scheduler in SCHEDULERS}
+    cases = {
+        f"{kind}-{scheduler}": tiny_pipeline(kind, scheduler, denoiser=denoisers[kind])
+        for kind in MODELS
+        for scheduler in SCHEDULERS
+    }
     cases["dit-vae"] = tiny_pipeline("dit", "FlowMatchEulerDiscreteScheduler", vae=tiny_vae(), in_channels=4)
     cases["dit-unconditional"] = tiny_pipeline("dit", "ScratchDDIMScheduler", num_classes=None, id2label=None)
     calls = {name: {**CALL, **(UNCONDITIONAL_CALL if name == "dit-unconditional" else {})} for name in cases}
@@ -75,7 +82,9 @@ def saved(tmp_path_factory):
 
 def test_fresh_process_reload_gives_identical_images(saved):
     root, cases, calls, images = saved
-    subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(root), json.dumps(calls)], check=True, cwd=ROOT, env=subprocess_env())
+    subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(root), json.dumps(calls)], check=True, cwd=ROOT, env=subprocess_env()
+    )
     reloaded = load_file(root / "reloaded.safetensors")
     loaded = json.loads((root / "loaded.json").read_text())
     for name, pipe in cases.items():
@@ -116,14 +125,18 @@ def manual_sampling(denoiser, scheduler, labels, guidance_scale, num_inference_s
     return (latents / 2 + 0.5).clamp(0, 1)
 
 
-@pytest.mark.parametrize("scheduler", ["ScratchDDPMScheduler", "ScratchDDIMScheduler", "ScratchFlowMatchEulerScheduler"])
+@pytest.mark.parametrize(
+    "scheduler", ["ScratchDDPMScheduler", "ScratchDDIMScheduler", "ScratchFlowMatchEulerScheduler"]
+)
 def test_guidance_matches_separate_conditional_and_null_passes(scheduler):
     pipe = tiny_pipeline("dit", scheduler)
     labels = torch.tensor(CALL["class_labels"])
     unguided = run(pipe, guidance_scale=1.0)
     assert torch.equal(unguided, manual_sampling(pipe.transformer, pipe.scheduler, labels, 1.0, 2))
     guided = run(pipe, guidance_scale=3.0)
-    torch.testing.assert_close(guided, manual_sampling(pipe.transformer, pipe.scheduler, labels, 3.0, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        guided, manual_sampling(pipe.transformer, pipe.scheduler, labels, 3.0, 2), rtol=1e-5, atol=1e-5
+    )
     assert not torch.allclose(guided, unguided, atol=1e-3)
 
 
@@ -142,14 +155,18 @@ def test_output_types_agree():
     assert as_pt.shape == (2, 1, 8, 8) and as_np.shape == (2, 8, 8, 1) and as_np.dtype == np.float32
     np.testing.assert_array_equal(as_np, as_pt.permute(0, 2, 3, 1).numpy())
     assert all(isinstance(image, PIL.Image.Image) and image.mode == "L" and image.size == (8, 8) for image in as_pil)
-    np.testing.assert_array_equal(np.stack([np.asarray(image) for image in as_pil]), (as_np[..., 0] * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(
+        np.stack([np.asarray(image) for image in as_pil]), (as_np[..., 0] * 255).round().astype(np.uint8)
+    )
     torch.testing.assert_close((as_latent / 2 + 0.5).clamp(0, 1), as_pt)
     (as_tuple,) = pipe(**CALL, generator=torch.manual_seed(0), return_dict=False)
     assert torch.equal(as_tuple, as_pt)
 
 
 def test_class_labels_by_name_by_id_and_default_every_class():
-    pipe = tiny_pipeline("dit", "ScratchDDIMScheduler", id2label={**{str(i): str(i) for i in range(10)}, "7": "seven, 7"})
+    pipe = tiny_pipeline(
+        "dit", "ScratchDDIMScheduler", id2label={**{str(i): str(i) for i in range(10)}, "7": "seven, 7"}
+    )
     assert pipe.labels["seven"] == pipe.labels["7"] == 7 and pipe.get_label_ids(["3", "seven"]) == [3, 7]
     by_id = run(pipe, class_labels=[3, 7])
     assert torch.equal(run(pipe, class_labels=["3", "seven"]), by_id)
@@ -169,8 +186,12 @@ def test_learned_variance_is_passed_only_to_a_scheduler_that_uses_it():
             pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, variance_type=variance_type)
             images[name, variance_type] = run(pipe)
     for variance_type in ("learned_range", "fixed_small"):
-        torch.testing.assert_close(images["ScratchDDPMScheduler", variance_type], images["DDPMScheduler", variance_type], rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(images["DDPMScheduler", "learned_range"], images["DDPMScheduler", "fixed_small"], atol=1e-3)
+        torch.testing.assert_close(
+            images["ScratchDDPMScheduler", variance_type], images["DDPMScheduler", variance_type], rtol=1e-5, atol=1e-6
+        )
+    assert not torch.allclose(
+        images["DDPMScheduler", "learned_range"], images["DDPMScheduler", "fixed_small"], atol=1e-3
+    )
 
 
 def test_trajectory_and_step_callback(tmp_path):
@@ -181,7 +202,12 @@ def test_trajectory_and_step_callback(tmp_path):
         seen.append(tensors["latents"].clone())
         return {}
 
-    output = pipe(**{**CALL, "num_inference_steps": 3, "output_type": "latent"}, generator=torch.manual_seed(0), return_trajectory=True, callback_on_step_end=record)
+    output = pipe(
+        **{**CALL, "num_inference_steps": 3, "output_type": "latent"},
+        generator=torch.manual_seed(0),
+        return_trajectory=True,
+        callback_on_step_end=record,
+    )
     assert len(output.trajectory) == 4 and torch.equal(output.trajectory[-1], output.images)
     assert all(torch.equal(a, b) for a, b in zip(seen, output.trajectory[1:]))
 
@@ -224,7 +250,10 @@ def test_import_registers_on_diffusers_without_shadowing():
         (dict(latents=torch.randn(2, 1, 4, 4)), r"latents.*\(2, 1, 4, 4\).*\(2, 1, 8, 8\)"),
         (dict(output_type="jpg"), "Unknown `output_type` 'jpg'"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
-        (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]), r"\['noise'\] not available"),
+        (
+            dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]),
+            r"\['noise'\] not available",
+        ),
     ],
 )
 def test_bad_call_arguments_raise_value_errors(kwargs, message):

@@ -17,7 +17,6 @@ from diffusers import DiffusionPipeline
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 
-
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pipeline_v0_1"
 EXPECTED = json.loads((FIXTURES / "expected_images.json").read_text())
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +44,10 @@ def test_folders_saved_by_v0_1_load_in_a_fresh_process_with_only_import_pipeline
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(FIXTURES), *sorted(EXPECTED["images"])],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.split("\n")

@@ -54,9 +54,7 @@ def sample_tensor(device="cpu", dtype=torch.float32):
 
 def step_seeded(scheduler, timestep, sample, **kwargs):
     """One step with the fake model output 0.1 * sample (as in diffusers' scheduler tests) and a fresh seed."""
-    return scheduler.step(
-        0.1 * sample, timestep, sample, generator=torch.Generator().manual_seed(0), **kwargs
-    )
+    return scheduler.step(0.1 * sample, timestep, sample, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def public_config(scheduler):

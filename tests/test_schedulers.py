@@ -523,8 +523,13 @@ def test_ddpm_unsupported_variance_type(variance_type):
 
 
 @pytest.mark.parametrize(
-    "option", [dict(use_karras_sigmas=True), dict(invert_sigmas=True), dict(use_exponential_sigmas=True),
-               dict(use_beta_sigmas=True)]
+    "option",
+    [
+        dict(use_karras_sigmas=True),
+        dict(invert_sigmas=True),
+        dict(use_exponential_sigmas=True),
+        dict(use_beta_sigmas=True),
+    ],
 )
 def test_flow_unsupported_option(option):
     (name,) = option
@@ -534,8 +539,15 @@ def test_flow_unsupported_option(option):
         ScratchFlowMatchEulerScheduler.from_config(FlowMatchEulerDiscreteScheduler(**option).config)
 
 
-@pytest.mark.parametrize("config", [dict(num_train_timesteps=0), dict(trained_betas=[0.1, 0.2]),
-                                    dict(num_train_timesteps=2, trained_betas=[0.1, 1.5]), dict(steps_offset=-1)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(num_train_timesteps=0),
+        dict(trained_betas=[0.1, 0.2]),
+        dict(num_train_timesteps=2, trained_betas=[0.1, 1.5]),
+        dict(steps_offset=-1),
+    ],
+)
 @pytest.mark.parametrize("scheduler_class", DISCRETE)
 def test_bad_discrete_config(scheduler_class, config):
     with pytest.raises(ValueError):
@@ -544,8 +556,13 @@ def test_bad_discrete_config(scheduler_class, config):
 
 @pytest.mark.parametrize(
     "config",
-    [dict(num_train_timesteps=0), dict(shift=0.0), dict(shift=-2.0), dict(time_shift_type="cubic"),
-     dict(shift_terminal=1.0)],
+    [
+        dict(num_train_timesteps=0),
+        dict(shift=0.0),
+        dict(shift=-2.0),
+        dict(time_shift_type="cubic"),
+        dict(shift_terminal=1.0),
+    ],
 )
 def test_bad_flow_config(config):
     with pytest.raises(ValueError, match=str(next(iter(config.values())))):
@@ -662,8 +679,14 @@ def test_ddim_bad_step_arguments():
 
 @pytest.mark.parametrize(
     "config",
-    [dict(beta_end=2.0), dict(beta_end=1.0), dict(beta_start=0.0), dict(beta_start=-0.01),
-     dict(beta_schedule="scaled_linear", beta_end=1.5), dict(trained_betas=[0.5, float("nan")], num_train_timesteps=2)],
+    [
+        dict(beta_end=2.0),
+        dict(beta_end=1.0),
+        dict(beta_start=0.0),
+        dict(beta_start=-0.01),
+        dict(beta_schedule="scaled_linear", beta_end=1.5),
+        dict(trained_betas=[0.5, float("nan")], num_train_timesteps=2),
+    ],
 )
 @pytest.mark.parametrize("scheduler_class", DISCRETE)
 def test_schedule_that_cannot_be_a_diffusion_is_refused(scheduler_class, config):

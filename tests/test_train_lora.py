@@ -14,20 +14,19 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from huggingface_hub import ModelCard
 from hub_server import FakeHub
+from huggingface_hub import ModelCard
 from peft import LoraConfig
 from pipeline_helpers import CALL, run, tiny_pipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 from scipy.ndimage import grey_dilation
 
-from training.checkpointing import CHECKPOINTS_DIRNAME
-from training.config import ConfigError
 from commands import run as run_command
 from image_data import DilatedStrokes, dilate_strokes, load_image_dataset, mean_ink
+from training.checkpointing import CHECKPOINTS_DIRNAME
+from training.config import ConfigError
 from training.train_lora import load_lora_config, main
-
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "lora" / "bold_digits.yaml"
@@ -37,11 +36,34 @@ NEXT_ARCHITECTURE = {"unet": "dit", "dit": "mmdit", "mmdit": "unet"}
 CLASS_NAMES = {"unet": "ScratchUNetModel", "dit": "ScratchDiTModel", "mmdit": "ScratchMMDiTModel"}
 # The shipped recipe, shrunk: 16 MNIST images at 8x8 made bold, batch 4, rank 4 / alpha 8, a large constant lr.
 TINY = [
-    "--config", str(RECIPE), "--data.resolution", "8", "--data.max_train_samples", "16",
-    "--data.num_validation_samples", "4", "--train.batch_size", "4", "--train.report_to", "none",
-    "--train.log_every_steps", "1", "--optim.learning_rate", "0.01", "--optim.lr_scheduler", "constant",
-    "--optim.lr_warmup_steps", "0", "--lora.rank", "4", "--lora.alpha", "8", "--eval.num_inference_steps", "2",
-    "--eval.images_per_class", "1",
+    "--config",
+    str(RECIPE),
+    "--data.resolution",
+    "8",
+    "--data.max_train_samples",
+    "16",
+    "--data.num_validation_samples",
+    "4",
+    "--train.batch_size",
+    "4",
+    "--train.report_to",
+    "none",
+    "--train.log_every_steps",
+    "1",
+    "--optim.learning_rate",
+    "0.01",
+    "--optim.lr_scheduler",
+    "constant",
+    "--optim.lr_warmup_steps",
+    "0",
+    "--lora.rank",
+    "4",
+    "--lora.alpha",
+    "8",
+    "--eval.num_inference_steps",
+    "2",
+    "--eval.images_per_class",
+    "1",
 ]
 
 
@@ -64,7 +86,7 @@ def trained_pipeline(base: Path, checkpoint: Path, adapter: Path):
     with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         metadata = json.loads(handle.metadata()[LORA_ADAPTER_METADATA_KEY])
     prefix = f"{pipe.denoiser_name}."
-    pipe.denoiser.add_adapter(LoraConfig(**{k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)}))
+    pipe.denoiser.add_adapter(LoraConfig(**{k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}))
     pipe.denoiser.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return pipe
 
@@ -85,7 +107,11 @@ def test_lora_trains_only_the_adapter_and_reloads_into_the_base(kind, tmp_path, 
     assert any(".conv1.lora_A" in k for k in lora_weights) == (kind == "unet")
     with safe_open(str(adapter / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         metadata = json.loads(handle.metadata()[LORA_ADAPTER_METADATA_KEY])
-    assert (metadata[f"{name}.r"], metadata[f"{name}.lora_alpha"], metadata["denoiser_class"]) == (4, 8, CLASS_NAMES[kind])
+    assert (metadata[f"{name}.r"], metadata[f"{name}.lora_alpha"], metadata["denoiser_class"]) == (
+        4,
+        8,
+        CLASS_NAMES[kind],
+    )
 
     # Trainable parameters printed as a count and as a share of the base.
     base_pipe = load_base(base)
@@ -117,7 +143,10 @@ def test_lora_trains_only_the_adapter_and_reloads_into_the_base(kind, tmp_path, 
     assert str(base) in card.text and "| Rank / alpha / dropout | 4 / 8 / 0.0 |" in card.text
     assert "`to_q`" in card.text and "3x3 grey-scale dilation" in card.text
     assert sorted(p.name for p in adapter.iterdir()) == [
-        "README.md", "pytorch_lora_weights.safetensors", "samples.png", "training_config.yaml"
+        "README.md",
+        "pytorch_lora_weights.safetensors",
+        "samples.png",
+        "training_config.yaml",
     ]
 
     # Into another architecture: a clear error naming both classes, and nothing loaded.
@@ -172,8 +201,17 @@ save_file(images, result)
 def test_resumes_exactly_and_reloads_at_full_strength_in_a_fresh_process_and_from_the_hub(tmp_path):
     base = save_base("unet", tmp_path / "base")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = [*TINY, "--lora.include_conv", "false", "--train.max_steps", "4", "--checkpoint.every_steps", "2",
-            "--base.pretrained_model_name_or_path", str(base)]
+    args = [
+        *TINY,
+        "--lora.include_conv",
+        "false",
+        "--train.max_steps",
+        "4",
+        "--checkpoint.every_steps",
+        "2",
+        "--base.pretrained_model_name_or_path",
+        str(base),
+    ]
     main([*args, "--output_dir", str(straight)])
 
     # Resume from step 2 of the same run: the adapter and the full training state come out bit-identical.
@@ -188,7 +226,9 @@ def test_resumes_exactly_and_reloads_at_full_strength_in_a_fresh_process_and_fro
     base_images = run(load_base(base))
     env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
     env.update(
-        HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN="hf_fakeTokenForLoopbackTestsOnly",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_TOKEN="hf_fakeTokenForLoopbackTestsOnly",
         PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         # The same thread count as this process: CPU kernels may split sums differently with more threads.
         OMP_NUM_THREADS=str(torch.get_num_threads()),
@@ -198,10 +238,15 @@ def test_resumes_exactly_and_reloads_at_full_strength_in_a_fresh_process_and_fro
         env["HF_ENDPOINT"] = hub.url
         subprocess.run(
             [sys.executable, "-c", RELOAD_SCRIPT, str(base), str(adapter), str(result), json.dumps(CALL)],
-            check=True, cwd=tmp_path, env=env, timeout=300,
+            check=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
         )
     assert hub.unrouted == [], hub.unrouted
-    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(hub.repos["user/bold-digits-lora"].resolve("main")[1])
+    assert {"pytorch_lora_weights.safetensors", "README.md"} <= set(
+        hub.repos["user/bold-digits-lora"].resolve("main")[1]
+    )
 
     images = load_file(result)
     # Rank 4 / alpha 8 comes back at scale 2, not the half strength of alpha = rank.
@@ -229,11 +274,25 @@ def test_bold_digits_are_a_grey_scale_dilation_with_more_ink():
 
 def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, capsys):
     config = load_lora_config(["--config", str(RECIPE)])
-    assert config.output_dir == "outputs/lora_bold_digits" and config.data.dilate_strokes == 1 and config.ema.enabled is False
+    assert (
+        config.output_dir == "outputs/lora_bold_digits"
+        and config.data.dilate_strokes == 1
+        and config.ema.enabled is False
+    )
     assert "--config configs/lora/bold_digits.yaml" in RECIPE.read_text()
 
     with pytest.raises(SystemExit) as exit_info:
-        run_command(main, ["--config", str(RECIPE), "--base.pretrained_model_name_or_path", "null", "--output_dir", str(tmp_path / "x")])
+        run_command(
+            main,
+            [
+                "--config",
+                str(RECIPE),
+                "--base.pretrained_model_name_or_path",
+                "null",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ],
+        )
     assert exit_info.value.code == 2 and "base.pretrained_model_name_or_path is not set" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['objective.prediction_type'\]"):
         load_lora_config(["--config", str(RECIPE), "--objective.prediction_type", "epsilon"])
@@ -242,10 +301,14 @@ def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, cap
     common = [*TINY, "--base.pretrained_model_name_or_path", str(dit), "--output_dir", str(tmp_path / "run")]
     refusals = [
         (["--lora.include_conv", "true"], "lora.include_conv: ScratchDiTModel has no convolution targets"),
-        (["--lora.include_conv", "false", "--lora.target_modules", "[to_q, conv9]"],
-         r"\['conv9'\] match no layer of ScratchDiTModel; available: \[.*'to_q'"),
-        (["--lora.include_conv", "false", "--data.resolution", "12"],
-         "size 12, but the base denoiser takes 1 channel.s. of size 8"),
+        (
+            ["--lora.include_conv", "false", "--lora.target_modules", "[to_q, conv9]"],
+            r"\['conv9'\] match no layer of ScratchDiTModel; available: \[.*'to_q'",
+        ),
+        (
+            ["--lora.include_conv", "false", "--data.resolution", "12"],
+            "size 12, but the base denoiser takes 1 channel.s. of size 8",
+        ),
         (["--lora.include_conv", "false", "--eval.sampler", "flow_match_euler"], "cannot sample this ddpm base"),
         (["--eval.fid_n", "1"], r"eval.fid_n must be 0 \(no metrics\) or >= 2"),
         (["--hub.push_to_hub", "true"], "hub.hub_model_id is not set"),

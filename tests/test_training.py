@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
+from hub_server import FakeHub
 from PIL import Image
 from safetensors.torch import load_file
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
-from diffusers import DiffusionPipeline
-from training import train as train_module
 from commands import run
 from image_data import ShardedBatchSampler
+from training import train as train_module
 from training.artifacts import METRICS_COLUMNS
 from training.checkpointing import (
     REPLACED_PREFIX,
@@ -31,18 +32,30 @@ from training.config import RECIPES_DIR, ConfigError
 from training.setup import idle_cpu_cores_hint
 from training.train_vae import main as train_vae_main
 
-from hub_server import FakeHub
-
-
 REPO = Path(__file__).resolve().parent.parent
 # `training.train` with test hooks (kill while checkpointing, dump data order and weights) as loop callbacks.
 HOOKED_TRAIN = str(Path(__file__).resolve().parent / "train_with_hooks.py")
 HUB_TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
 # A few optimizer steps of a tiny model on a few images, evaluated cheaply.
 TINY = [
-    "--model.preset", "tiny", "--data.max_train_samples", "16", "--data.num_validation_samples", "4",
-    "--train.batch_size", "4", "--train.report_to", "none", "--eval.num_inference_steps", "2",
-    "--eval.images_per_class", "1", "--eval.gif", "false", "--checkpoint.every_steps", "0",
+    "--model.preset",
+    "tiny",
+    "--data.max_train_samples",
+    "16",
+    "--data.num_validation_samples",
+    "4",
+    "--train.batch_size",
+    "4",
+    "--train.report_to",
+    "none",
+    "--eval.num_inference_steps",
+    "2",
+    "--eval.images_per_class",
+    "1",
+    "--eval.gif",
+    "false",
+    "--checkpoint.every_steps",
+    "0",
 ]
 
 
@@ -69,11 +82,24 @@ def image_folder(tmp_path_factory):
 def tiny_vae(tmp_path_factory):
     """A VAE trained for 2 steps by `training/train_vae.py`, as the LDM recipe needs."""
     output = tmp_path_factory.mktemp("vae") / "mnist_vae"
-    train_vae_main([
-        "--output_dir", str(output), "--model.block_out_channels", "[8, 8]", "--model.norm_num_groups", "4",
-        "--data.max_train_samples", "16", "--train.batch_size", "8", "--train.max_steps", "2",
-        "--train.scaling_samples", "16",
-    ])
+    train_vae_main(
+        [
+            "--output_dir",
+            str(output),
+            "--model.block_out_channels",
+            "[8, 8]",
+            "--model.norm_num_groups",
+            "4",
+            "--data.max_train_samples",
+            "16",
+            "--train.batch_size",
+            "8",
+            "--train.max_steps",
+            "2",
+            "--train.scaling_samples",
+            "16",
+        ]
+    )
     return output
 
 
@@ -85,8 +111,18 @@ def _recipe_args(recipe: Path, output_dir: Path, image_folder: Path, vae: Path) 
         args += ["--model.vae", str(vae)]
     if recipe.stem == "quickstart":
         # One recipe also exercises the GIF, tensorboard, checkpoint and quality-metric outputs.
-        args += ["--eval.gif", "true", "--train.report_to", "tensorboard", "--checkpoint.every_steps", "1", "--eval.fid_n", "2",
-                 "--checkpoint.checkpoints_total_limit", "1"]
+        args += [
+            "--eval.gif",
+            "true",
+            "--train.report_to",
+            "tensorboard",
+            "--checkpoint.every_steps",
+            "1",
+            "--eval.fid_n",
+            "2",
+            "--checkpoint.checkpoints_total_limit",
+            "1",
+        ]
     return args
 
 
@@ -119,10 +155,16 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
         assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
         assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]  # total limit 1
         # FID-MNIST and GAN-test accuracy from training/evaluation.py, on 2 samples per class; best/ chosen by FID.
-        assert float(rows[-1]["fid"]) > 0 and 0 <= float(rows[-1]["gan_test_acc"]) <= 1 and rows[-1]["metric_num_samples"] == "20"
+        assert (
+            float(rows[-1]["fid"]) > 0
+            and 0 <= float(rows[-1]["gan_test_acc"]) <= 1
+            and rows[-1]["metric_num_samples"] == "20"
+        )
         assert "| FID-MNIST |" in (output_dir / "best" / "README.md").read_text()
         state = json.loads((output_dir / "checkpoints" / "checkpoint-2" / "training_state.json").read_text())
-        assert state["best"]["name"] == "fid" and state["best"]["value"] == pytest.approx(float(rows[-1]["fid"]), rel=1e-5)
+        assert state["best"]["name"] == "fid" and state["best"]["value"] == pytest.approx(
+            float(rows[-1]["fid"]), rel=1e-5
+        )
 
 
 def _weights(checkpoint: Path) -> dict:
@@ -140,9 +182,21 @@ def _weights(checkpoint: Path) -> dict:
 def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_checkpoint(tmp_path):
     # 16 images, batch 2 x 2 accumulation steps: 4 optimizer steps per epoch; 6 steps cross an epoch boundary.
     args = [
-        *TINY, "--train.batch_size", "2", "--train.gradient_accumulation_steps", "2", "--train.max_steps", "6",
-        "--checkpoint.every_steps", "2", "--eval.every_epochs", "100", "--ema.decay", "0.9",
-        "--model.overrides.dropout", "0.1",
+        *TINY,
+        "--train.batch_size",
+        "2",
+        "--train.gradient_accumulation_steps",
+        "2",
+        "--train.max_steps",
+        "6",
+        "--checkpoint.every_steps",
+        "2",
+        "--eval.every_epochs",
+        "100",
+        "--ema.decay",
+        "0.9",
+        "--model.overrides.dropout",
+        "0.1",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_module.main([*args, "--output_dir", str(straight)])
@@ -153,7 +207,11 @@ def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_c
     # A real process, killed (SIGKILL) while checkpoint-4 is being written: after step 4, mid-epoch 1.
     killed = subprocess.run(
         [sys.executable, HOOKED_TRAIN, "--kill-during-checkpoint", "4", "--", *args, "--output_dir", str(resumed)],
-        cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert killed.returncode == -9, killed.stderr[-2000:]
     checkpoints = resumed / "checkpoints"
@@ -181,13 +239,33 @@ def test_bf16_mixed_precision_runs_the_forward_in_bf16_and_keeps_float32_weights
     # a learning rate high enough that the zero-initialised output moves and precision shows in the loss.
     # The bf16 run gets a process of its own: accelerate's state (mixed precision included) is set once per process.
     args = [
-        "--config", str(RECIPES_DIR / "quickstart.yaml"), *TINY, "--train.max_steps", "4",
-        "--optim.lr_warmup_steps", "0", "--optim.learning_rate", "0.01",
+        "--config",
+        str(RECIPES_DIR / "quickstart.yaml"),
+        *TINY,
+        "--train.max_steps",
+        "4",
+        "--optim.lr_warmup_steps",
+        "0",
+        "--optim.learning_rate",
+        "0.01",
     ]
     train_module.main([*args, "--train.mixed_precision", "no", "--output_dir", str(tmp_path / "no")])
     bf16 = subprocess.run(
-        [sys.executable, "-m", "training.train", *args, "--train.mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")],
-        cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            *args,
+            "--train.mixed_precision",
+            "bf16",
+            "--output_dir",
+            str(tmp_path / "bf16"),
+        ],
+        cwd=REPO,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert bf16.returncode == 0, bf16.stderr[-2000:]
     assert "mixed precision bf16" in bf16.stdout + bf16.stderr
@@ -205,16 +283,39 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
     debug_dir = tmp_path / "debug"
     debug_dir.mkdir()
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        HOOKED_TRAIN, "--debug-dir", str(debug_dir), "--", *TINY, "--train.num_epochs", "2", "--output_dir", str(tmp_path / "run"),
-        "--checkpoint.every_steps", "2", "--hub.push_to_hub", "true", "--hub.hub_model_id", "user/mnist-tiny",
-        "--hub.private", "true",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        HOOKED_TRAIN,
+        "--debug-dir",
+        str(debug_dir),
+        "--",
+        *TINY,
+        "--train.num_epochs",
+        "2",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--checkpoint.every_steps",
+        "2",
+        "--hub.push_to_hub",
+        "true",
+        "--hub.hub_model_id",
+        "user/mnist-tiny",
+        "--hub.private",
+        "true",
     ]
     # One thread per process (two processes fill the two cores); a loopback Hub, read from HF_ENDPOINT at import.
     env = {k: v for k, v in _subprocess_env(OMP_NUM_THREADS="1").items() if not k.startswith("HF_")}
-    env.update({"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": HUB_TOKEN,
-                "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.update({"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": HUB_TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"})
     with FakeHub() as hub:
         env["HF_ENDPOINT"] = hub.url
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -233,7 +334,8 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
     # One writer: one metrics row per epoch, every process's RNG state in the checkpoint, one push.
     assert [row["epoch"] for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))] == ["0", "1"]
     assert {p.name for p in (tmp_path / "run" / "checkpoints" / "checkpoint-4").glob("random_states_*")} == {
-        "random_states_0.pkl", "random_states_1.pkl"
+        "random_states_0.pkl",
+        "random_states_1.pkl",
     }
     assert hub.unrouted == [], hub.unrouted
     assert [r for r in hub.requests if r.startswith("POST /api/models/user/mnist-tiny/commit")] == [
@@ -246,7 +348,9 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
 
 
 def test_sharded_sampler_partitions_each_epoch_and_resumes_mid_epoch():
-    samplers = [ShardedBatchSampler(50, 3, seed=1, rank=r, num_processes=2, gradient_accumulation_steps=2) for r in (0, 1)]
+    samplers = [
+        ShardedBatchSampler(50, 3, seed=1, rank=r, num_processes=2, gradient_accumulation_steps=2) for r in (0, 1)
+    ]
     assert samplers[0].steps_per_epoch == 4 and len(samplers[0]) == 8  # 50 // (2 * 3 * 2) steps of 2 micro-batches
     for epoch in (0, 1):
         for sampler in samplers:
@@ -278,7 +382,10 @@ def test_folders_are_replaced_atomically_and_an_interrupted_replacement_is_recov
 
 def test_command_line_refuses_bad_config_before_training(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        run(train_module.main, ["--config", "configs/quickstart.yaml", "--train.batch_sise", "8", "--output_dir", str(tmp_path)])
+        run(
+            train_module.main,
+            ["--config", "configs/quickstart.yaml", "--train.batch_sise", "8", "--output_dir", str(tmp_path)],
+        )
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: Unknown key(s) ['train.batch_sise']") and "'batch_size'" in error

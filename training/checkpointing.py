@@ -14,10 +14,17 @@ from pathlib import Path
 
 from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, replace_directory, write_atomically
 
-
 __all__ = [
-    "CHECKPOINTS_DIRNAME", "REPLACED_PREFIX", "TEMPORARY_PREFIX", "checkpoint_step", "latest_checkpoint",
-    "list_checkpoints", "read_training_state", "recover_directory", "resolve_resume_path", "save_checkpoint",
+    "CHECKPOINTS_DIRNAME",
+    "REPLACED_PREFIX",
+    "TEMPORARY_PREFIX",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "read_training_state",
+    "recover_directory",
+    "resolve_resume_path",
+    "save_checkpoint",
     "write_atomically",
 ]
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -38,8 +45,12 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
         return []
     for entry in folder.iterdir():
         if entry.name.startswith(REPLACED_PREFIX):
-            recover_directory(entry.with_name(entry.name[len(REPLACED_PREFIX):]))
-    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None and (p / TRAINING_STATE_FILENAME).is_file()]
+            recover_directory(entry.with_name(entry.name[len(REPLACED_PREFIX) :]))
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and checkpoint_step(p) is not None and (p / TRAINING_STATE_FILENAME).is_file()
+    ]
     return sorted(found, key=checkpoint_step)
 
 

@@ -3,6 +3,5 @@
 from commands import run
 from commands.compare import main
 
-
 if __name__ == "__main__":
     run(main)

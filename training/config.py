@@ -13,16 +13,16 @@ import importlib
 import inspect
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
 from atomic_files import write_text_atomically
 from custom_schedulers.schedules import BETA_SCHEDULES, PREDICTION_TYPES
-
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
@@ -78,7 +78,9 @@ class ModelConfig:
     """The denoiser: an architecture, one of its size presets, and config keys overriding the preset."""
 
     architecture: str = choice(
-        "unet", ARCHITECTURES, doc="the denoiser: ScratchUNetModel, ScratchDiTModel (grouped-query attention), ScratchMMDiTModel"
+        "unet",
+        ARCHITECTURES,
+        doc="the denoiser: ScratchUNetModel, ScratchDiTModel (grouped-query attention), ScratchMMDiTModel",
     )
     preset: str = described(
         "small", doc="a size preset of the architecture (`PRESETS` in custom_models/unet.py, dit_gqa.py, mmdit.py)"
@@ -87,8 +89,9 @@ class ModelConfig:
         default_factory=dict,
         doc="constructor arguments of the model class replacing the preset's, e.g. {dropout: 0.1}",
     )
-    vae: Optional[str] = described(
-        None, doc="folder of a trained AutoencoderKL (`python -m training.train_vae`): train in its latent space; null: pixels"
+    vae: str | None = described(
+        None,
+        doc="folder of a trained AutoencoderKL (`python -m training.train_vae`): train in its latent space; null: pixels",
     )
 
 
@@ -96,7 +99,7 @@ class ModelConfig:
 class ObjectiveOptions:
     """How the denoiser's errors are weighted and on which timesteps: what full and LoRA training both choose."""
 
-    snr_gamma: Optional[float] = bounded(
+    snr_gamma: float | None = bounded(
         None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it"
     )
     timestep_sampling: str = choice(
@@ -116,19 +119,29 @@ class ObjectiveConfig(ObjectiveOptions):
     """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
 
     name: str = choice(
-        "ddpm", OBJECTIVES, doc="ddpm: the DDPM family (noise schedule + prediction target); flow_matching: rectified flow"
+        "ddpm",
+        OBJECTIVES,
+        doc="ddpm: the DDPM family (noise schedule + prediction target); flow_matching: rectified flow",
     )
     prediction_type: str = choice(
-        "epsilon", PREDICTION_TYPES, doc="DDPM family: the model predicts the noise (epsilon), v (Salimans & Ho 2022) or the clean image (sample)"
+        "epsilon",
+        PREDICTION_TYPES,
+        doc="DDPM family: the model predicts the noise (epsilon), v (Salimans & Ho 2022) or the clean image (sample)",
     )
     num_train_timesteps: int = bounded(
         1000, 1, doc="DDPM family: steps of the noise schedule; flow matching: the model sees timestep sigma x this"
     )
     beta_schedule: str = choice(
-        "linear", BETA_SCHEDULES, doc="DDPM family: how the noise variances beta rise (squaredcos_cap_v2: the cosine schedule)"
+        "linear",
+        BETA_SCHEDULES,
+        doc="DDPM family: how the noise variances beta rise (squaredcos_cap_v2: the cosine schedule)",
     )
-    beta_start: float = bounded(0.0001, 0.0, 1.0, doc="DDPM family: the first beta of the linear and scaled_linear schedules")
-    beta_end: float = bounded(0.02, 0.0, 1.0, doc="DDPM family: the last beta of the linear and scaled_linear schedules")
+    beta_start: float = bounded(
+        0.0001, 0.0, 1.0, doc="DDPM family: the first beta of the linear and scaled_linear schedules"
+    )
+    beta_end: float = bounded(
+        0.02, 0.0, 1.0, doc="DDPM family: the last beta of the linear and scaled_linear schedules"
+    )
 
 
 @dataclass
@@ -136,26 +149,33 @@ class DataConfig:
     """The training images: the shipped MNIST, a Hub dataset id, or a local image folder (one subfolder per class)."""
 
     dataset: str = described(
-        "mnist", doc="mnist (the shipped copy), a Hub dataset id, or a local folder (a subfolder per class, or a saved dataset)"
+        "mnist",
+        doc="mnist (the shipped copy), a Hub dataset id, or a local folder (a subfolder per class, or a saved dataset)",
     )
     train_split: str = described("train", doc="the split to train on")
-    validation_split: Optional[str] = described(
+    validation_split: str | None = described(
         "test", doc="split for the EMA validation loss; null holds out the last num_validation_samples training images"
     )
     num_validation_samples: int = bounded(
-        256, 0, doc="validation images: the first of validation_split (0: all of it), or held-out training images (0: none)"
+        256,
+        0,
+        doc="validation images: the first of validation_split (0: all of it), or held-out training images (0: none)",
     )
-    image_column: Optional[str] = described(None, doc="name of the image column; null finds it (image / img)")
-    label_column: Optional[str] = described(None, doc="name of the label column; null finds it (label / labels)")
+    image_column: str | None = described(None, doc="name of the image column; null finds it (image / img)")
+    label_column: str | None = described(None, doc="name of the label column; null finds it (label / labels)")
     channels: int = choice(1, (1, 3), doc="image channels the model sees: 1 (grey) or 3 (RGB); images are converted")
-    resolution: Optional[int] = bounded(
+    resolution: int | None = bounded(
         None, 1, doc="resize (shorter side) and centre-crop to this size; null keeps the images' size"
     )
-    pad_to: Optional[int] = bounded(
-        None, 1, doc="zero-pad to this size after resizing (MNIST 28 -> 32 for models that halve it 3 times); null: no padding"
+    pad_to: int | None = bounded(
+        None,
+        1,
+        doc="zero-pad to this size after resizing (MNIST 28 -> 32 for models that halve it 3 times); null: no padding",
     )
-    random_flip: bool = described(False, doc="mirror training images left-right with probability 1/2 (leave off for digits)")
-    max_train_samples: Optional[int] = bounded(
+    random_flip: bool = described(
+        False, doc="mirror training images left-right with probability 1/2 (leave off for digits)"
+    )
+    max_train_samples: int | None = bounded(
         None, 1, doc="use only the first N training images (tests, quick experiments); null uses them all"
     )
     num_workers: int = bounded(0, 0, doc="DataLoader worker processes; 0 loads in the training process")
@@ -174,7 +194,9 @@ class OptimConfig:
         "cosine", LR_SCHEDULERS, doc="the learning-rate schedule after warm-up (`diffusers.optimization.get_scheduler`)"
     )
     lr_warmup_steps: int = bounded(0, 0, doc="optimizer steps of linear warm-up from 0")
-    max_grad_norm: Optional[float] = bounded(1.0, 0.0, doc="clip the global gradient norm to this value; null disables clipping")
+    max_grad_norm: float | None = bounded(
+        1.0, 0.0, doc="clip the global gradient norm to this value; null disables clipping"
+    )
 
 
 @dataclass
@@ -182,18 +204,24 @@ class TrainConfig:
     """Batch, length and hardware switches of the run."""
 
     batch_size: int = bounded(
-        128, 1, doc="images per step and process; the global batch is batch_size x processes x gradient_accumulation_steps"
+        128,
+        1,
+        doc="images per step and process; the global batch is batch_size x processes x gradient_accumulation_steps",
     )
     gradient_accumulation_steps: int = bounded(1, 1, doc="batches whose gradients add up to one optimizer step")
     num_epochs: int = bounded(10, 1, doc="passes over the training images")
-    max_steps: Optional[int] = bounded(
+    max_steps: int | None = bounded(
         None, 1, doc="stop after this many optimizer steps even if epochs remain; null trains all epochs"
     )
     seed: int = described(0, doc="seed of the initial weights, the data order, the noise and the label dropout")
     mixed_precision: str = choice(
-        "auto", MIXED_PRECISIONS, doc="accelerate's mixed precision; auto: no on CPU, bf16 on GPUs that support it, else fp16"
+        "auto",
+        MIXED_PRECISIONS,
+        doc="accelerate's mixed precision; auto: no on CPU, bf16 on GPUs that support it, else fp16",
     )
-    gradient_checkpointing: bool = described(False, doc="recompute activations in the backward pass: less memory, more time")
+    gradient_checkpointing: bool = described(
+        False, doc="recompute activations in the backward pass: less memory, more time"
+    )
     compile: bool = described(False, doc="`torch.compile` the model")
     allow_tf32: bool = described(True, doc="allow TF32 matrix multiplications and convolutions on GPUs that have them")
     log_every_steps: int = bounded(50, 1, doc="log the mean loss and the learning rate every N optimizer steps")
@@ -204,7 +232,9 @@ class TrainConfig:
 class EMAConfig:
     """Exponential moving average of the weights (`diffusers.training_utils.EMAModel`)."""
 
-    enabled: bool = described(True, doc="keep an exponential moving average of the weights; evaluation and best/, last/ use it")
+    enabled: bool = described(
+        True, doc="keep an exponential moving average of the weights; evaluation and best/, last/ use it"
+    )
     decay: float = bounded(0.9999, 0.0, 1.0, doc="the EMA's decay (its highest, with warm-up)")
     use_warmup: bool = described(
         True, doc="warm-up decay 1 - (1 + step / inv_gamma) ** -power: short runs need it to leave the initial weights"
@@ -219,14 +249,18 @@ class EvalConfig:
     """Sample grids, denoising GIFs, validation loss and (optional) quality metrics, every few epochs."""
 
     every_epochs: int = bounded(1, 1, doc="evaluate every N epochs, and at the end")
-    sampler: str = choice("auto", SAMPLERS, doc="the sampling scheduler; auto: DDIM for the DDPM family, Euler for flow matching")
+    sampler: str = choice(
+        "auto", SAMPLERS, doc="the sampling scheduler; auto: DDIM for the DDPM family, Euler for flow matching"
+    )
     num_inference_steps: int = bounded(50, 1, doc="sampling steps")
     guidance_scale: float = bounded(2.0, 0.0, doc="classifier-free guidance scale; 1 is a single conditional pass")
     images_per_class: int = bounded(8, 1, doc="samples per class in the grid (one row per class)")
     seed: int = described(0, doc="seed of the sampling noise (the same at every evaluation)")
     gif: bool = described(True, doc="also write a GIF of the denoising")
     fid_n: int = bounded(
-        0, 0, doc="samples per class for FID-MNIST and GAN-test accuracy (the shipped MNIST classifier); 0 skips the metrics"
+        0,
+        0,
+        doc="samples per class for FID-MNIST and GAN-test accuracy (the shipped MNIST classifier); 0 skips the metrics",
     )
     batch_size: int = bounded(256, 1, doc="images per batch when sampling and computing the validation loss")
 
@@ -236,9 +270,10 @@ class CheckpointConfig:
     """Resumable training state (`accelerator.save_state`, EMA included), written atomically."""
 
     every_steps: int = bounded(500, 0, doc="save the resumable training state every N optimizer steps; 0 saves none")
-    checkpoints_total_limit: Optional[int] = bounded(3, 1, doc="keep only the newest N checkpoints; null keeps all")
-    resume_from_checkpoint: Optional[str] = described(
-        None, doc="'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder; null starts afresh"
+    checkpoints_total_limit: int | None = bounded(3, 1, doc="keep only the newest N checkpoints; null keeps all")
+    resume_from_checkpoint: str | None = described(
+        None,
+        doc="'latest' (the newest complete checkpoint in output_dir, if any) or a checkpoint folder; null starts afresh",
     )
 
 
@@ -247,7 +282,7 @@ class HubConfig:
     """Publishing `best/` to the Hugging Face Hub at the end of training."""
 
     push_to_hub: bool = described(False, doc="upload best/ with its model card to the Hub at the end")
-    hub_model_id: Optional[str] = described(None, doc="the repo to push to, e.g. user/mnist-dit")
+    hub_model_id: str | None = described(None, doc="the repo to push to, e.g. user/mnist-dit")
     private: bool = described(False, doc="create the repo as private")
 
 
@@ -257,7 +292,8 @@ class RunConfig:
     (`training.train_lora.LoraTrainingConfig`); each adds what it trains."""
 
     output_dir: str = described(
-        "outputs/run", doc="folder for config.yaml, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ pipelines"
+        "outputs/run",
+        doc="folder for config.yaml, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ pipelines",
     )
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     data: DataConfig = field(default_factory=DataConfig)
@@ -280,15 +316,20 @@ class Config(RunConfig):
 # --------------------------------------------------------------------------------------------------
 # Building a config from nested dicts, with checks
 # --------------------------------------------------------------------------------------------------
+def _is_union(annotation) -> bool:
+    """`X | None` (types.UnionType) and `Optional[X]` (typing.Union) alike."""
+    return typing.get_origin(annotation) in (Union, types.UnionType)
+
+
 def _type_name(annotation) -> str:
-    if typing.get_origin(annotation) is Union:
+    if _is_union(annotation):
         return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
     return "null" if annotation is type(None) else annotation.__name__
 
 
 def _coerce(key: str, value: Any, annotation, metadata) -> Any:
     """Check `value` against the field's type and limits; return it (ints accepted where floats are)."""
-    options = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
     if value is None:
         if type(None) in options:
             return None
@@ -358,7 +399,7 @@ def _set_dotted(data: dict, dotted_key: str, value) -> None:
     node[last] = value
 
 
-def parse_overrides(argv: list[str]) -> tuple[Optional[str], dict]:
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     """Split `--config path` from `--section.key value` pairs; values are parsed as YAML."""
     config_path, overrides = None, {}
     i = 0
@@ -391,7 +432,7 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def load_recipe(path: Union[str, os.PathLike]) -> dict:
+def load_recipe(path: str | os.PathLike) -> dict:
     """The nested dict of a YAML recipe; a missing file names the recipes that exist."""
     path = Path(path)
     if not path.is_file():
@@ -460,9 +501,13 @@ def model_class(architecture: str):
 def check_loop_settings(config) -> None:
     """Checks of the sections the training loop reads, shared by full and LoRA training configs."""
     if config.eval.fid_n == 1:
-        raise ConfigError("eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1.")
+        raise ConfigError(
+            "eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1."
+        )
     if config.hub.push_to_hub and not config.hub.hub_model_id:
-        raise ConfigError("hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'.")
+        raise ConfigError(
+            "hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'."
+        )
     resume = config.checkpoint.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
@@ -488,9 +533,13 @@ def check_config(config: Config) -> None:
             )
     objective, sampler = config.objective.name, config.eval.sampler
     if objective == "flow_matching" and sampler not in ("auto", "flow_match_euler"):
-        raise ConfigError(f"eval.sampler {sampler!r} cannot sample a flow-matching model; use 'auto' or 'flow_match_euler'.")
+        raise ConfigError(
+            f"eval.sampler {sampler!r} cannot sample a flow-matching model; use 'auto' or 'flow_match_euler'."
+        )
     if objective == "ddpm" and sampler == "flow_match_euler":
-        raise ConfigError("eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'.")
+        raise ConfigError(
+            "eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'."
+        )
     if objective == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
     if config.objective.beta_start >= config.objective.beta_end:
@@ -508,6 +557,6 @@ def check_config(config: Config) -> None:
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
-def save_config(config, path: Union[str, os.PathLike]) -> None:
+def save_config(config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
     write_text_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False))

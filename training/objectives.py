@@ -7,13 +7,10 @@ for exact resumption.
 """
 
 import math
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from custom_schedulers.schedules import PREDICTION_TYPES
-
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
@@ -24,7 +21,9 @@ def _check(name: str, value, allowed) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
 
 
-def drop_labels(class_labels: torch.Tensor, probability: float, null_label: int, generator: torch.Generator) -> torch.Tensor:
+def drop_labels(
+    class_labels: torch.Tensor, probability: float, null_label: int, generator: torch.Generator
+) -> torch.Tensor:
     """Replace each label by `null_label` with `probability`: classifier-free guidance training (Ho & Salimans 2022)."""
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"label dropout probability must lie in [0, 1], got {probability}.")
@@ -59,8 +58,15 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 class DiffusionObjective:
     """DDPM-family training (Ho et al. 2020): uniform integer t, x_t from `add_noise`, target eps, v or x0."""
 
-    def __init__(self, scheduler, *, loss: str = "mse", snr_gamma: Optional[float] = None, label_dropout: float = 0.0,
-                 num_classes: Optional[int] = None):
+    def __init__(
+        self,
+        scheduler,
+        *,
+        loss: str = "mse",
+        snr_gamma: float | None = None,
+        label_dropout: float = 0.0,
+        num_classes: int | None = None,
+    ):
         _check("loss", loss, LOSSES)
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or None to disable min-SNR weighting), got {snr_gamma}.")
@@ -88,7 +94,7 @@ class DiffusionObjective:
             target = clean
         return noisy, target
 
-    def loss_weights(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         """Per-sample min-SNR weights, or None when weighting is off."""
         if self.snr_gamma is None:
             return None
@@ -96,10 +102,12 @@ class DiffusionObjective:
         snr = alphas_cumprod / (1 - alphas_cumprod)
         return min_snr_weights(snr, self.snr_gamma, self.prediction_type)
 
-    def __call__(self, model, clean: torch.Tensor, class_labels: Optional[torch.Tensor], generator: torch.Generator):
+    def __call__(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator):
         """The batch's mean training loss."""
         timesteps = self.sample_timesteps(clean.shape[0], generator).to(clean.device)
-        noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(clean.device)
+        noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(
+            clean.device
+        )
         noisy, target = self.noisy_input_and_target(clean, noise, timesteps)
         class_labels = _maybe_drop(class_labels, self.label_dropout, self.num_classes, generator)
         prediction = model(noisy, timesteps, class_labels=class_labels, return_dict=False)[0]
@@ -114,9 +122,18 @@ class FlowMatchingObjective:
     sigma is continuous in (0, 1) and the denoiser sees timestep = sigma * num_train_timesteps.
     """
 
-    def __init__(self, scheduler, *, loss: str = "mse", timestep_sampling: str = "uniform", logit_mean: float = 0.0,
-                 logit_std: float = 1.0, mode_scale: float = 1.29, label_dropout: float = 0.0,
-                 num_classes: Optional[int] = None):
+    def __init__(
+        self,
+        scheduler,
+        *,
+        loss: str = "mse",
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        label_dropout: float = 0.0,
+        num_classes: int | None = None,
+    ):
         _check("loss", loss, LOSSES)
         _check("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
         if logit_std <= 0:
@@ -150,11 +167,13 @@ class FlowMatchingObjective:
         noisy = self.scheduler.scale_noise(clean, timesteps, noise)
         return noisy, noise - clean
 
-    def __call__(self, model, clean: torch.Tensor, class_labels: Optional[torch.Tensor], generator: torch.Generator):
+    def __call__(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator):
         """The batch's mean training loss."""
         sigmas = self.sample_sigmas(clean.shape[0], generator)
         timesteps = (sigmas * self.scheduler.config.num_train_timesteps).to(clean.device)
-        noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(clean.device)
+        noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(
+            clean.device
+        )
         noisy, target = self.noisy_input_and_target(clean, noise, timesteps)
         class_labels = _maybe_drop(class_labels, self.label_dropout, self.num_classes, generator)
         prediction = model(noisy, timesteps, class_labels=class_labels, return_dict=False)[0]

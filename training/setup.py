@@ -151,7 +151,10 @@ def build_model(model_config, *, sample_size: int, in_channels: int, num_classes
     """The denoiser from its architecture preset, sized for the data (or latents)."""
     cls = model_class(model_config.architecture)
     overrides = {
-        **model_config.overrides, "sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes
+        **model_config.overrides,
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
     }
     return cls.from_preset(model_config.preset, **overrides)
 
@@ -171,7 +174,9 @@ def build_noise_scheduler(objective_config, *, clip_sample: bool = True):
 
 
 SAMPLER_CLASSES = {
-    "ddpm": ScratchDDPMScheduler, "ddim": ScratchDDIMScheduler, "flow_match_euler": ScratchFlowMatchEulerScheduler
+    "ddpm": ScratchDDPMScheduler,
+    "ddim": ScratchDDIMScheduler,
+    "flow_match_euler": ScratchFlowMatchEulerScheduler,
 }
 
 
@@ -254,12 +259,16 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
 def build_optimizer(optim_config, model: torch.nn.Module, total_steps: int):
     """AdamW over the parameters that require grad, and its warm-up + decay lr schedule over `total_steps`."""
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=optim_config.learning_rate,
-        betas=(optim_config.adam_beta1, optim_config.adam_beta2), eps=optim_config.adam_epsilon,
+        [p for p in model.parameters() if p.requires_grad],
+        lr=optim_config.learning_rate,
+        betas=(optim_config.adam_beta1, optim_config.adam_beta2),
+        eps=optim_config.adam_epsilon,
         weight_decay=optim_config.weight_decay,
     )
     lr_scheduler = get_scheduler(
-        optim_config.lr_scheduler, optimizer, num_warmup_steps=optim_config.lr_warmup_steps,
+        optim_config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=optim_config.lr_warmup_steps,
         num_training_steps=total_steps,
     )
     return optimizer, lr_scheduler
@@ -270,6 +279,10 @@ def build_ema(ema_config, model: torch.nn.Module) -> EMAModel | None:
     if not ema_config.enabled:
         return None
     return EMAModel(
-        model.parameters(), decay=ema_config.decay, use_ema_warmup=ema_config.use_warmup,
-        inv_gamma=ema_config.inv_gamma, power=ema_config.power, update_after_step=ema_config.update_after_step,
+        model.parameters(),
+        decay=ema_config.decay,
+        use_ema_warmup=ema_config.use_warmup,
+        inv_gamma=ema_config.inv_gamma,
+        power=ema_config.power,
+        update_after_step=ema_config.update_after_step,
     )

@@ -114,8 +114,16 @@ def improves_on(best: dict, results: dict) -> tuple[str, float | None] | None:
 
 
 def evaluate(
-    pipeline, *, setup: TrainingSetup, config: RunConfig, epoch: int, step: int, best: dict, validation_batches: list,
-    details: str, accelerator: Accelerator,
+    pipeline,
+    *,
+    setup: TrainingSetup,
+    config: RunConfig,
+    epoch: int,
+    step: int,
+    best: dict,
+    validation_batches: list,
+    details: str,
+    accelerator: Accelerator,
 ) -> tuple[dict, dict]:
     """Main process: sample grid (and GIF), validation loss, metrics, `last/` and, if better, `best/`.
 
@@ -135,8 +143,10 @@ def evaluate(
     if config.eval.fid_n > 0:
         metrics = quality_metrics(pipeline, config.eval)
         results.update(
-            fid=metrics.get("fid_mnist", metrics.get("fid")), gan_test_acc=metrics.get("gan_test_acc"),
-            inception_score=metrics.get("inception_score"), metric_num_samples=metrics.get("num_samples"),
+            fid=metrics.get("fid_mnist", metrics.get("fid")),
+            gan_test_acc=metrics.get("gan_test_acc"),
+            inception_score=metrics.get("inception_score"),
+            metric_num_samples=metrics.get("num_samples"),
         )
     card = card_metrics(metrics)
     setup.save_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
@@ -173,8 +183,10 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
     model, train_dataset = setup.model, setup.train_dataset
     set_seed(seed, device_specific=True)  # different dropout masks per process; a resume restores the RNG states
     if model.config.learn_sigma:
-        raise ConfigError("model.overrides.learn_sigma: training a learned variance needs the VLB loss term, which "
-                          "this loop does not implement; set learn_sigma to false.")
+        raise ConfigError(
+            "model.overrides.learn_sigma: training a learned variance needs the VLB loss term, which "
+            "this loop does not implement; set learn_sigma to false."
+        )
     if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if config.eval.fid_n > 0:
@@ -182,7 +194,11 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
 
     accum = config.train.gradient_accumulation_steps
     batch_sampler = ShardedBatchSampler(
-        len(train_dataset), config.train.batch_size, seed=seed, rank=rank, num_processes=num_processes,
+        len(train_dataset),
+        config.train.batch_size,
+        seed=seed,
+        rank=rank,
+        num_processes=num_processes,
         gradient_accumulation_steps=accum,
     )
     steps_per_epoch = batch_sampler.steps_per_epoch
@@ -191,8 +207,11 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         total_steps = min(total_steps, config.train.max_steps)
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_sampler=batch_sampler, num_workers=config.data.num_workers,
-        persistent_workers=config.data.num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+        train_dataset,
+        batch_sampler=batch_sampler,
+        num_workers=config.data.num_workers,
+        persistent_workers=config.data.num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
         # Its own generator: creating an iterator must not consume the global RNG that checkpoints restore.
         generator=torch.Generator().manual_seed(seed),
     )
@@ -291,9 +310,14 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         mean_loss = torch.tensor(epoch_loss / max(epoch_steps, 1), device=accelerator.device)
         mean_loss = accelerator.reduce(mean_loss, "mean")
         row = {
-            "epoch": epoch, "step": global_step, "loss": mean_loss.item(), "lr": lr_scheduler.get_last_lr()[0],
-            "epoch_time_s": train_time, "step_time_ms": 1000 * train_time / max(epoch_steps, 1),
-            "peak_mem_mb": peak_memory_mb(accelerator.device), "imgs_per_sec": epoch_steps * global_batch / train_time,
+            "epoch": epoch,
+            "step": global_step,
+            "loss": mean_loss.item(),
+            "lr": lr_scheduler.get_last_lr()[0],
+            "epoch_time_s": train_time,
+            "step_time_ms": 1000 * train_time / max(epoch_steps, 1),
+            "peak_mem_mb": peak_memory_mb(accelerator.device),
+            "imgs_per_sec": epoch_steps * global_batch / train_time,
         }
         if (epoch + 1) % config.eval.every_epochs == 0 or global_step >= total_steps:
             if accelerator.is_main_process:
@@ -311,8 +335,15 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                     f"{accelerator.device.type}; EMA weights: {ema is not None}."
                 )
                 results, best = evaluate(
-                    pipeline, setup=setup, config=config, epoch=epoch, step=global_step, best=best,
-                    validation_batches=validation_batches, details=details, accelerator=accelerator,
+                    pipeline,
+                    setup=setup,
+                    config=config,
+                    epoch=epoch,
+                    step=global_step,
+                    best=best,
+                    validation_batches=validation_batches,
+                    details=details,
+                    accelerator=accelerator,
                 )
                 row.update(results)
             accelerator.wait_for_everyone()
@@ -339,9 +370,12 @@ def _checkpoint(accelerator, config: RunConfig, step: int, best: dict, steps_per
             callback.before_checkpoint_commit(step=step, folder=folder)
 
     save_checkpoint(
-        accelerator, config.output_dir, step,
+        accelerator,
+        config.output_dir,
+        step,
         {"best": best, "steps_per_epoch": steps_per_epoch, "epoch": step // steps_per_epoch},
-        total_limit=config.checkpoint.checkpoints_total_limit, before_commit=before_commit,
+        total_limit=config.checkpoint.checkpoints_total_limit,
+        before_commit=before_commit,
     )
 
 
@@ -350,7 +384,8 @@ def _validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Ac
     if not accelerator.is_main_process or setup.validation_dataset is None:
         return []
     loader = torch.utils.data.DataLoader(
-        setup.validation_dataset, batch_size=config.eval.batch_size,
+        setup.validation_dataset,
+        batch_size=config.eval.batch_size,
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     device = accelerator.device

@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -55,10 +54,11 @@ from .train import train
 class BaseModelConfig:
     """The pipeline to fine-tune: a folder written by `training/train.py` (e.g. `outputs/quickstart/best`) or a Hub id."""
 
-    pretrained_model_name_or_path: Optional[str] = described(
-        None, doc="the pipeline to fine-tune: a folder written by training.train (e.g. outputs/quickstart/best) or a Hub id"
+    pretrained_model_name_or_path: str | None = described(
+        None,
+        doc="the pipeline to fine-tune: a folder written by training.train (e.g. outputs/quickstart/best) or a Hub id",
     )
-    revision: Optional[str] = described(None, doc="Hub branch, tag or commit of the base; null: the default branch")
+    revision: str | None = described(None, doc="Hub branch, tag or commit of the base; null: the default branch")
 
 
 @dataclass
@@ -68,7 +68,7 @@ class LoraSettings:
     rank: int = bounded(4, 1, doc="rank of the update B @ A added to each adapted weight")
     alpha: int = bounded(4, 1, doc="the update B @ A is scaled by alpha / rank")
     dropout: float = bounded(0.0, 0.0, 1.0, doc="dropout on the input of the LoRA branch")
-    target_modules: Optional[list] = described(
+    target_modules: list | None = described(
         None, doc="module names (matched as name suffixes); null means the denoiser's `default_lora_target_modules`"
     )
     include_conv: bool = described(
@@ -81,7 +81,9 @@ class LoraDataConfig(DataConfig):
     """The training images, optionally transformed on the fly into the target domain."""
 
     dilate_strokes: int = bounded(
-        0, 0, doc="thicken light strokes on a dark background by this many pixels (grey-scale dilation); 0 keeps the images"
+        0,
+        0,
+        doc="thicken light strokes on a dark background by this many pixels (grey-scale dilation); 0 keeps the images",
     )
 
 
@@ -90,7 +92,8 @@ class LoraEMAConfig(EMAConfig):
     """EMA of the weights, off by default: the saved adapter is then exactly the trained one."""
 
     enabled: bool = described(
-        False, doc="keep an exponential moving average of the adapter; off: the saved adapter is exactly the trained one"
+        False,
+        doc="keep an exponential moving average of the adapter; off: the saved adapter is exactly the trained one",
     )
 
 
@@ -100,7 +103,8 @@ class LoraTrainingConfig(RunConfig):
     objective's noise schedule and prediction target are the base pipeline's; its other options are free."""
 
     output_dir: str = described(
-        "outputs/lora", doc="folder for the config, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ adapters"
+        "outputs/lora",
+        doc="folder for the config, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ adapters",
     )
     data: LoraDataConfig = field(default_factory=LoraDataConfig)
     ema: LoraEMAConfig = field(default_factory=LoraEMAConfig)
@@ -123,7 +127,9 @@ def check_lora_config(config: LoraTrainingConfig) -> None:
 # --------------------------------------------------------------------------------------------------
 def load_base_pipeline(base_config: BaseModelConfig) -> ClassConditionalPipeline:
     """The base pipeline from a folder or Hub id, with every weight frozen."""
-    pipeline = DiffusionPipeline.from_pretrained(base_config.pretrained_model_name_or_path, revision=base_config.revision)
+    pipeline = DiffusionPipeline.from_pretrained(
+        base_config.pretrained_model_name_or_path, revision=base_config.revision
+    )
     if not isinstance(pipeline, ClassConditionalPipeline):
         raise ConfigError(
             f"base.pretrained_model_name_or_path {base_config.pretrained_model_name_or_path!r} holds a "
@@ -150,7 +156,9 @@ def lora_target_modules(denoiser, lora_settings: LoraSettings) -> list[str]:
     available = sorted({name.split(".")[-1] for name, module in denoiser.named_modules() if isinstance(module, layers)})
     unknown = [name for name in targets if name not in available]
     if unknown:
-        raise ConfigError(f"lora.target_modules {unknown} match no layer of {type(denoiser).__name__}; available: {available}.")
+        raise ConfigError(
+            f"lora.target_modules {unknown} match no layer of {type(denoiser).__name__}; available: {available}."
+        )
     return targets
 
 
@@ -273,7 +281,7 @@ def load_lora_config(argv: list[str]) -> LoraTrainingConfig:
     return config
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+def main(argv: list[str] | None = None) -> Path:
     """Parse the arguments and fine-tune; returns the output folder."""
     return train(load_lora_config(sys.argv[1:] if argv is None else argv), build_setup=build_lora_setup)
 

@@ -12,7 +12,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +43,7 @@ class VAETrainingConfig:
     batch_size: int = bounded(128, 1)
     learning_rate: float = bounded(1e-3, 0.0)
     num_epochs: int = bounded(2, 1)
-    max_steps: Optional[int] = bounded(None, 1)
+    max_steps: int | None = bounded(None, 1)
     kl_weight: float = bounded(1e-6, 0.0)
     seed: int = 0
     # Training images whose latents measure the scaling factor.
@@ -64,7 +63,9 @@ class VAEConfig:
 def build_vae(model_config: VAEModelConfig, channels: int, image_size: int) -> AutoencoderKL:
     """A diffusers `AutoencoderKL` with plain encoder/decoder blocks."""
     num_blocks = len(model_config.block_out_channels)
-    if num_blocks < 1 or any(not isinstance(c, int) or c % model_config.norm_num_groups for c in model_config.block_out_channels):
+    if num_blocks < 1 or any(
+        not isinstance(c, int) or c % model_config.norm_num_groups for c in model_config.block_out_channels
+    ):
         raise ConfigError(
             f"model.block_out_channels must be a non-empty list of ints divisible by model.norm_num_groups "
             f"({model_config.norm_num_groups}), got {model_config.block_out_channels}."
@@ -99,7 +100,9 @@ class VAELoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, batch_size: int) -> float:
+def measure_scaling_factor(
+    vae: AutoencoderKL, images: torch.Tensor, generator: torch.Generator, batch_size: int
+) -> float:
     """1 / std of posterior samples over `images`: the factor giving the diffusion model unit-variance latents."""
     latents = [
         vae.encode(images[i : i + batch_size]).latent_dist.sample(generator=generator).float()
@@ -114,8 +117,12 @@ def train_vae(config: VAEConfig) -> Path:
     set_seed(config.train.seed)
     dataset_name = None if config.data.dataset == "mnist" else config.data.dataset
     load_kwargs = dict(
-        dataset_name=dataset_name, image_column=config.data.image_column, label_column=config.data.label_column,
-        resolution=config.data.resolution, pad_to=config.data.pad_to, channels=config.data.channels,
+        dataset_name=dataset_name,
+        image_column=config.data.image_column,
+        label_column=config.data.label_column,
+        resolution=config.data.resolution,
+        pad_to=config.data.pad_to,
+        channels=config.data.channels,
     )
     dataset = load_image_dataset(split=config.data.train_split, **load_kwargs)
     if config.data.max_train_samples is not None:
@@ -124,7 +131,10 @@ def train_vae(config: VAEConfig) -> Path:
     vae = build_vae(config.model, channels, image_size)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.train.learning_rate)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.train.batch_size, shuffle=True, drop_last=True,
+        dataset,
+        batch_size=config.train.batch_size,
+        shuffle=True,
+        drop_last=True,
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     if len(loader) == 0:
@@ -168,12 +178,14 @@ def train_vae(config: VAEConfig) -> Path:
             save_config(config, folder / "training_config.yaml")
 
         write_atomically(output_dir, write)
-        accelerator.print(f"Saved {output_dir}: scaling factor {scaling_factor:.4f}, reconstruction MSE {reconstruction_mse:.4f}.")
+        accelerator.print(
+            f"Saved {output_dir}: scaling factor {scaling_factor:.4f}, reconstruction MSE {reconstruction_mse:.4f}."
+        )
     accelerator.wait_for_everyone()
     return output_dir
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+def main(argv: list[str] | None = None) -> Path:
     """Parse `[--config file.yaml] --section.key value ...` and train the VAE."""
     return train_vae(load_config(sys.argv[1:] if argv is None else argv, cls=VAEConfig))
 
