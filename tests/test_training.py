@@ -17,17 +17,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
+from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, write_atomically
 from commands import run
 from image_data import ShardedBatchSampler
 from training import train as train_module
 from training.artifacts import METRICS_COLUMNS
-from training.checkpointing import (
-    REPLACED_PREFIX,
-    TEMPORARY_PREFIX,
-    latest_checkpoint,
-    recover_directory,
-    write_atomically,
-)
+from training.checkpointing import latest_checkpoint
 from training.config import RECIPES_DIR, ConfigError
 from training.setup import idle_cpu_cores_hint
 from training.train_vae import main as train_vae_main
@@ -168,14 +163,15 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
 
 
 def _weights(checkpoint: Path) -> dict:
+    """Every tensor and counter a checkpoint holds: weights, EMA, optimizer, lr scheduler."""
     tensors = {f"model.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
-    # custom_checkpoint_1 is the EMA (registered after the lr scheduler).
-    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
-    tensors.update({f"ema.{i}": p for i, p in enumerate(ema["shadow_params"])})
-    tensors["ema.optimization_step"] = torch.tensor(ema["optimization_step"])
-    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
-    for index, state in optimizer["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in state.items()})
+    tensors.update({f"ema.{k}": v for k, v in load_file(checkpoint / "ema.safetensors").items()})
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    tensors["ema.optimization_step"] = torch.tensor(state["ema"]["optimization_step"])
+    tensors["lr_scheduler.last_epoch"] = torch.tensor(state["lr_scheduler"]["last_epoch"])
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    for index, values in optimizer["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in values.items()})
     return tensors
 
 
@@ -201,7 +197,7 @@ def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_c
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_module.main([*args, "--output_dir", str(straight)])
     # A fresh run into a folder with checkpoints would mix two runs: refused, resuming is the way on.
-    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+    with pytest.raises(ConfigError, match="already holds the outputs and resumable checkpoints of an earlier run"):
         train_module.main([*args, "--output_dir", str(straight)])
 
     # A real process, killed (SIGKILL) while checkpoint-4 is being written: after step 4, mid-epoch 1.

@@ -4,6 +4,7 @@ atomically and optionally pushed to the Hub.
 """
 
 import csv
+import io
 import os
 import resource
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from atomic_files import write_atomically
+from atomic_files import write_atomically, write_text_atomically
 from pipelines import build_lora_model_card, build_model_card
 from pipelines.images import image_grid, save_trajectory_gif
 from pipelines.model_card import SAMPLE_GRID_FILENAME
@@ -51,27 +52,32 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """`metrics.csv` (one row per epoch, fixed columns) plus the same values to the accelerate trackers."""
+    """`metrics.csv` (one row per epoch, fixed columns) plus the same values to the accelerate trackers.
 
-    def __init__(self, path: Path, accelerator: Accelerator, resume_step: int = 0):
-        self.path, self.accelerator = path, accelerator
+    The whole file is rewritten atomically with each row, and every checkpoint keeps a copy: a resumed run
+    starts from the checkpoint's rows (restored by the loop before this is built), a fresh run from none.
+    """
+
+    def __init__(self, path: Path, accelerator: Accelerator, fresh: bool):
+        self.path, self.accelerator, self.rows = path, accelerator, []
         if accelerator.is_main_process:
-            rows = []
-            if path.is_file():
+            if not fresh:
                 with open(path, newline="") as file:
-                    # Rows written after the checkpoint we resume from belong to the lost part of the run.
-                    rows = [row for row in csv.DictReader(file) if int(row["step"]) <= resume_step]
-            with open(path, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=METRICS_COLUMNS)
-                writer.writeheader()
-                writer.writerows(rows)
+                    self.rows = list(csv.DictReader(file))
+            self._write()
+
+    def _write(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in METRICS_COLUMNS} for row in self.rows)
+        write_text_atomically(self.path, buffer.getvalue())
 
     def log_epoch(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.path, "a", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=METRICS_COLUMNS)
-            writer.writerow({k: _csv_value(row.get(k)) for k in METRICS_COLUMNS})
+        self.rows.append({k: _csv_value(row.get(k)) for k in METRICS_COLUMNS})
+        self._write()
         values = {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step") and isinstance(v, (int, float))}
         self.accelerator.log(values, step=row["step"])
 

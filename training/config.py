@@ -11,6 +11,7 @@ lists what is allowed.
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import re
 import types
@@ -295,6 +296,10 @@ class RunConfig:
         "outputs/run",
         doc="folder for config.yaml, metrics.csv, logs/, samples/, checkpoints/ and the best/ and last/ pipelines",
     )
+    overwrite: bool = described(
+        False,
+        doc="replace the outputs of an earlier run in output_dir (refused without it); `--overwrite` alone is true",
+    )
     objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -354,6 +359,8 @@ def _coerce(key: str, value: Any, annotation, metadata) -> Any:
         raise ConfigError(f"{key} expects type {_type_name(annotation)}, got {value!r} ({type(value).__name__}){hint}.")
     if base is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}.")
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"{key} must be one of {list(metadata['choices'])}, got {value!r}.")
     if metadata.get("min") is not None and value < metadata["min"]:
@@ -399,6 +406,10 @@ def _set_dotted(data: dict, dotted_key: str, value) -> None:
     node[last] = value
 
 
+# Boolean keys that may be given without a value (`--overwrite` means `--overwrite true`).
+BARE_FLAGS = ("overwrite",)
+
+
 def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
     """Split `--config path` from `--section.key value` pairs; values are parsed as YAML."""
     config_path, overrides = None, {}
@@ -409,6 +420,9 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
             raise ConfigError(f"Expected '--key value' arguments, got {argument!r}.")
         if "=" in argument:
             key, raw = argument[2:].split("=", 1)
+            i += 1
+        elif argument[2:] in BARE_FLAGS and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            key, raw = argument[2:], "true"
             i += 1
         else:
             if i + 1 >= len(argv):
@@ -511,6 +525,11 @@ def check_loop_settings(config) -> None:
     resume = config.checkpoint.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
+    if resume is not None and config.overwrite:
+        raise ConfigError(
+            "overwrite and checkpoint.resume_from_checkpoint exclude each other: resuming continues the earlier run, "
+            "overwrite replaces it. Give one of them."
+        )
 
 
 def check_config(config: Config) -> None:

@@ -19,25 +19,31 @@ import copy
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from image_data import ShardedBatchSampler
 
 from .artifacts import MetricsLog, card_metrics, peak_memory_mb, push_folder, save_sample_grid, tracker_config
 from .checkpointing import (
-    list_checkpoints,
+    CHECKPOINTS_DIRNAME,
+    latest_checkpoint,
+    load_checkpoint,
     read_training_state,
     recover_directory,
+    remove_leftovers,
     resolve_resume_path,
+    restore_metrics_log,
     save_checkpoint,
 )
-from .config import ConfigError, RunConfig, load_config, save_config
+from .config import ConfigError, RunConfig, load_config, parse_yaml, save_config, to_dict
+from .run_folder import RunLock, changed_settings, check_fresh_output_dir, check_resume_settings
 from .setup import (
     TrainingSetup,
     build_accelerator,
@@ -166,22 +172,222 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+class TrainingDivergedError(ValueError):
+    """The loss or the weights became NaN or infinite: the settings (learning rate, ...) made the run diverge."""
+
+
+@dataclass
+class LoopState:
+    """The loop's counters, saved in every checkpoint beside accelerate's state."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"name": None, "value": None})
+    # The current epoch so far (process-mean losses): a resumed epoch's metrics row still covers all its steps.
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
+    epoch_time_s: float = 0.0
+
+
 def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[TrainingCallback] = ()) -> Path:
     """Run training as configured; returns the output folder. `build_setup(config, accelerator)` supplies the data
     and the model (default: a new denoiser from `config.model`); `callbacks` hook into the loop."""
     output_dir = Path(config.output_dir)
     accelerator = build_accelerator(config)
     rank, num_processes, seed = accelerator.process_index, accelerator.num_processes, config.train.seed
-    resume_path = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
-    if resume_path is None and list_checkpoints(output_dir):
-        raise ConfigError(
-            f"{output_dir} already holds checkpoints of an earlier run ({list_checkpoints(output_dir)[-1].name}); "
-            "continue it with --checkpoint.resume_from_checkpoint latest, or choose another output_dir."
-        )
+    lock = RunLock(output_dir)
+    resume_path = _claim_output_dir(config, accelerator, lock)
+    try:
+        setup = build_setup(config, accelerator)
+        model, train_dataset = setup.model, setup.train_dataset
+        set_seed(seed, device_specific=True)  # different dropout masks per process; a resume restores the RNG states
+        _prepare_model(config, model)
+        accum = config.train.gradient_accumulation_steps
+        batch_sampler, dataloader = _training_data(config, train_dataset, accelerator)
+        steps_per_epoch = batch_sampler.steps_per_epoch
+        total_steps = config.train.num_epochs * steps_per_epoch
+        if config.train.max_steps is not None:
+            total_steps = min(total_steps, config.train.max_steps)
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+        # The lr scheduler is not passed to `prepare`: stepped once per optimizer step, whatever the process count.
+        optimizer, lr_scheduler = build_optimizer(config.optim, model, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        ema = build_ema(config.ema, unwrapped)
+        state = LoopState()
+        if resume_path is not None:
+            state = _resume(accelerator, resume_path, config, lr_scheduler, ema, steps_per_epoch)
 
-    setup = build_setup(config, accelerator)
-    model, train_dataset = setup.model, setup.train_dataset
-    set_seed(seed, device_specific=True)  # different dropout masks per process; a resume restores the RNG states
+        if accelerator.is_main_process:
+            save_config(config, output_dir / "config.yaml")
+            (output_dir / "samples").mkdir(exist_ok=True)
+        if config.train.report_to != "none":
+            accelerator.init_trackers("train", config=tracker_config(config))
+        metrics_log = MetricsLog(output_dir / "metrics.csv", accelerator, fresh=resume_path is None)
+        # Evaluation state lives on the main process only: a copy of the model that receives the EMA weights.
+        eval_model = copy.deepcopy(unwrapped).eval().requires_grad_(False) if accelerator.is_main_process else None
+        validation_batches = _validation_batches(setup, config, accelerator)
+        global_batch = config.train.batch_size * num_processes * accum
+        accelerator.print(
+            f"{type(unwrapped).__name__} ({sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters), "
+            f"{len(train_dataset)} images, {steps_per_epoch} steps/epoch x {num_epochs} epochs = {total_steps} "
+            f"steps, global batch {global_batch}, {num_processes} process(es) on {accelerator.device}, mixed "
+            f"precision {accelerator.mixed_precision}."
+        )
+        if hint := idle_cpu_cores_hint(accelerator.device, num_processes):
+            accelerator.print(hint)
+
+        def checkpoint() -> None:
+            _checkpoint(accelerator, config, state, unwrapped, lr_scheduler, ema, steps_per_epoch, callbacks)
+
+        every = config.checkpoint.every_steps
+        progress = tqdm(
+            total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="steps"
+        )
+        for epoch in range(state.step // steps_per_epoch, num_epochs):
+            if state.step >= total_steps:
+                break
+            steps_done_in_epoch = state.step - epoch * steps_per_epoch
+            batch_sampler.set_epoch(epoch, skip_batches=steps_done_in_epoch * accum)
+            model.train()
+            window_losses, micro_loss, started = [], 0.0, time.perf_counter()
+            for batch_index, batch in enumerate(dataloader, start=steps_done_in_epoch * accum):
+                for callback in callbacks:
+                    callback.on_micro_batch(
+                        rank=rank, epoch=epoch, step=state.step, indices=batch_sampler.batches[batch_index]
+                    )
+                generator = step_generator(seed, rank, epoch, batch_index)
+                pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+                class_labels = batch["class_labels"].to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    clean = to_model_space(pixel_values, setup.vae, generator)
+                    loss = setup.objective(model, clean, class_labels, generator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_loss += loss.item() / accum
+                if not accelerator.sync_gradients:
+                    continue
+                step_loss = _process_mean(accelerator, micro_loss)
+                if not math.isfinite(step_loss):
+                    raise _diverged(f"The loss became {step_loss}", state.step + 1, output_dir)
+                lr_scheduler.step()
+                if ema is not None:
+                    ema.step(unwrapped.parameters())
+                state.step += 1
+                state.epoch_loss_sum, state.epoch_steps = state.epoch_loss_sum + step_loss, state.epoch_steps + 1
+                window_losses.append(step_loss)
+                micro_loss = 0.0
+                progress.update(1)
+                if state.step % config.train.log_every_steps == 0 or state.step == total_steps:
+                    _log_window(accelerator, progress, lr_scheduler, window_losses, state.step)
+                    window_losses = []
+                # A checkpoint at the end of an epoch waits for the epoch's metrics row (and the one at the last
+                # step for the final evaluation), so that it holds them.
+                if every and state.step % every == 0 and state.step % steps_per_epoch and state.step < total_steps:
+                    state.epoch_time_s, started = state.epoch_time_s + time.perf_counter() - started, None
+                    checkpoint()
+                    started = time.perf_counter()
+                if state.step >= total_steps:
+                    break
+
+            state.epoch_time_s += time.perf_counter() - started
+            row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
+            if (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps:
+                if accelerator.is_main_process:
+                    pipeline = _evaluation_pipeline(setup, eval_model, unwrapped, ema)
+                    details = (
+                        f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
+                        f"steps ({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x "
+                        f"{accelerator.device.type}; EMA weights: {ema is not None}."
+                    )
+                    kwargs = dict(validation_batches=validation_batches, details=details, accelerator=accelerator)
+                    results, state.best = evaluate(
+                        pipeline, setup=setup, config=config, epoch=epoch, step=state.step, best=state.best, **kwargs
+                    )
+                    row.update(results)
+                accelerator.wait_for_everyone()
+            metrics_log.log_epoch(row)
+            state.epoch_loss_sum, state.epoch_steps, state.epoch_time_s = 0.0, 0, 0.0
+            if every and state.step % every == 0 and state.step < total_steps:
+                checkpoint()
+
+        progress.close()
+        for callback in callbacks:
+            callback.on_train_end(rank=rank, model=unwrapped, ema=ema)
+        if every:
+            checkpoint()  # the final state, for continuing with more epochs later
+        push_error = None
+        if config.hub.push_to_hub and accelerator.is_main_process:
+            push_error = _push_best(output_dir, config.hub, accelerator)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
+    if push_error is not None:
+        raise push_error
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's steps, as functions of explicit inputs
+# --------------------------------------------------------------------------------------------------
+def _claim_output_dir(config: RunConfig, accelerator: Accelerator, lock: RunLock) -> Path | None:
+    """Lock `output_dir` (main process), finish what a killed run left half done, check the checkpoint to resume
+    from (or that no earlier run's outputs are in the way); returns the checkpoint, on every process."""
+    error, resume_path = None, None
+    if accelerator.is_main_process:
+        try:
+            resume_path = _claim_on_main_process(config, lock, accelerator.print)
+        except ValueError as exc:
+            error = exc
+    shared = broadcast_object_list([None if error is None else str(error), resume_path and str(resume_path)])
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise ConfigError(shared[0])
+    return None if shared[1] is None else Path(shared[1])
+
+
+def _claim_on_main_process(config: RunConfig, lock: RunLock, say) -> Path | None:
+    output_dir = Path(config.output_dir)
+    if note := lock.acquire():
+        say(note)
+    try:
+        for name in remove_leftovers(output_dir):
+            say(f"Removed {output_dir / CHECKPOINTS_DIRNAME / name}, left half-written by a killed run.")
+        for folder in ("last", "best"):
+            recover_directory(output_dir / folder)
+        resume_path, skipped = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
+        for name, reason in skipped:
+            say(f"Warning: not resuming from {name}, the newest checkpoint: {reason}")
+        if resume_path is not None:
+            check_resume_settings(resume_path, read_training_state(resume_path)["config"], to_dict(config))
+            return resume_path
+        # `latest` with nothing to resume from starts afresh; over this run's own earlier start only.
+        restart = config.checkpoint.resume_from_checkpoint == "latest" and _same_run(output_dir, config)
+        removed = check_fresh_output_dir(output_dir, overwrite=config.overwrite, restart_of_same_run=restart)
+        if removed:
+            why = "--overwrite" if config.overwrite else "the same run started again before its first checkpoint"
+            say(f"Removed the earlier outputs {removed} from {output_dir} ({why}).")
+        return None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _same_run(output_dir: Path, config: RunConfig) -> bool:
+    """Whether `output_dir/config.yaml` is this run's config (up to the settings a resume may change)."""
+    try:
+        saved = parse_yaml((output_dir / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and not changed_settings(saved, to_dict(config))
+
+
+def _prepare_model(config: RunConfig, model) -> None:
     if model.config.learn_sigma:
         raise ConfigError(
             "model.overrides.learn_sigma: training a learned variance needs the VLB loss term, which "
@@ -192,20 +398,17 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
     if config.eval.fid_n > 0:
         import evaluation  # noqa: F401  (fail now, not after the first epoch)
 
-    accum = config.train.gradient_accumulation_steps
+
+def _training_data(config: RunConfig, train_dataset, accelerator: Accelerator):
+    """This process's shard of every epoch (resumable mid-epoch) and the DataLoader reading it."""
     batch_sampler = ShardedBatchSampler(
         len(train_dataset),
         config.train.batch_size,
-        seed=seed,
-        rank=rank,
-        num_processes=num_processes,
-        gradient_accumulation_steps=accum,
+        seed=config.train.seed,
+        rank=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
     )
-    steps_per_epoch = batch_sampler.steps_per_epoch
-    total_steps = config.train.num_epochs * steps_per_epoch
-    if config.train.max_steps is not None:
-        total_steps = min(total_steps, config.train.max_steps)
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     dataloader = torch.utils.data.DataLoader(
         train_dataset,
         batch_sampler=batch_sampler,
@@ -213,170 +416,115 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         persistent_workers=config.data.num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
         # Its own generator: creating an iterator must not consume the global RNG that checkpoints restore.
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(config.train.seed),
     )
-    # The lr scheduler is not passed to `prepare`: stepped once per optimizer step, whatever the process count.
-    optimizer, lr_scheduler = build_optimizer(config.optim, model, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    ema = build_ema(config.ema, unwrapped)
+    return batch_sampler, dataloader
+
+
+def _resume(accelerator, checkpoint: Path, config: RunConfig, lr_scheduler, ema, steps_per_epoch: int) -> LoopState:
+    """Restore a checked checkpoint (weights, optimizer, RNG, lr scheduler, EMA, metrics.csv) and its counters."""
+    saved = load_checkpoint(accelerator, checkpoint, lr_scheduler=lr_scheduler, ema=ema)
     if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-
-    global_step, best = 0, {"name": None, "value": None}
+        ema.to(accelerator.device)
+    if saved["num_processes"] != accelerator.num_processes or saved["steps_per_epoch"] != steps_per_epoch:
+        accelerator.print(
+            f"Warning: {checkpoint} was written by {saved['num_processes']} process(es) with "
+            f"{saved['steps_per_epoch']} steps per epoch; this run has {accelerator.num_processes} and "
+            f"{steps_per_epoch}: the data order and the random states will not match the interrupted run."
+        )
     if accelerator.is_main_process:
-        for folder in ("last", "best"):
-            recover_directory(output_dir / folder)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        if ema is not None:
-            ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
-        state = read_training_state(resume_path)
-        global_step, best = state["step"], state["best"]
-        if state["steps_per_epoch"] != steps_per_epoch:
-            accelerator.print(
-                f"Warning: {resume_path} was written with {state['steps_per_epoch']} steps per epoch, this run has "
-                f"{steps_per_epoch} (batch size or process count changed): the data order will not match exactly."
-            )
-        accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
-
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-        (output_dir / "samples").mkdir(exist_ok=True)
-    if config.train.report_to != "none":
-        accelerator.init_trackers("train", config=tracker_config(config))
-    metrics_log = MetricsLog(output_dir / "metrics.csv", accelerator, resume_step=global_step)
-    # Evaluation state lives on the main process only: a copy of the model that receives the EMA weights.
-    eval_model = copy.deepcopy(unwrapped).eval().requires_grad_(False) if accelerator.is_main_process else None
-    validation_batches = _validation_batches(setup, config, accelerator)
-    global_batch = config.train.batch_size * num_processes * accum
-    accelerator.print(
-        f"{type(unwrapped).__name__} ({sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters), "
-        f"{len(train_dataset)} images, {steps_per_epoch} steps/epoch x {num_epochs} epochs = {total_steps} steps, "
-        f"global batch {global_batch}, {num_processes} process(es) on {accelerator.device}, mixed precision "
-        f"{accelerator.mixed_precision}."
-    )
-    if hint := idle_cpu_cores_hint(accelerator.device, num_processes):
-        accelerator.print(hint)
-
-    progress = tqdm(total=total_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="steps")
-    for epoch in range(global_step // steps_per_epoch, num_epochs):
-        if global_step >= total_steps:
-            break
-        steps_done_in_epoch = global_step - epoch * steps_per_epoch
-        batch_sampler.set_epoch(epoch, skip_batches=steps_done_in_epoch * accum)
-        model.train()
-        epoch_loss, epoch_steps, window_losses, micro_loss = 0.0, 0, [], 0.0
-        epoch_started = time.perf_counter()
-        for batch_index, batch in enumerate(dataloader, start=steps_done_in_epoch * accum):
-            indices = batch_sampler.batches[batch_index]
-            for callback in callbacks:
-                callback.on_micro_batch(rank=rank, epoch=epoch, step=global_step, indices=indices)
-            generator = step_generator(seed, rank, epoch, batch_index)
-            pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-            class_labels = batch["class_labels"].to(accelerator.device, non_blocking=True)
-            with accelerator.accumulate(model):
-                clean = to_model_space(pixel_values, setup.vae, generator)
-                loss = setup.objective(model, clean, class_labels, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_loss += loss.item() / accum
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-            global_step += 1
-            epoch_loss, epoch_steps = epoch_loss + micro_loss, epoch_steps + 1
-            window_losses.append(micro_loss)
-            micro_loss = 0.0
-            progress.update(1)
-            if global_step % config.train.log_every_steps == 0 or global_step == total_steps:
-                _log_window(accelerator, progress, lr_scheduler, window_losses, global_step)
-                window_losses = []
-            # The last step's checkpoint waits until after the final evaluation, so that it records the best result.
-            every = config.checkpoint.every_steps
-            if every and global_step % every == 0 and global_step < total_steps:
-                _checkpoint(accelerator, config, global_step, best, steps_per_epoch, callbacks)
-            if global_step >= total_steps:
-                break
-
-        train_time = time.perf_counter() - epoch_started
-        mean_loss = torch.tensor(epoch_loss / max(epoch_steps, 1), device=accelerator.device)
-        mean_loss = accelerator.reduce(mean_loss, "mean")
-        row = {
-            "epoch": epoch,
-            "step": global_step,
-            "loss": mean_loss.item(),
-            "lr": lr_scheduler.get_last_lr()[0],
-            "epoch_time_s": train_time,
-            "step_time_ms": 1000 * train_time / max(epoch_steps, 1),
-            "peak_mem_mb": peak_memory_mb(accelerator.device),
-            "imgs_per_sec": epoch_steps * global_batch / train_time,
-        }
-        if (epoch + 1) % config.eval.every_epochs == 0 or global_step >= total_steps:
-            if accelerator.is_main_process:
-                if ema is not None:
-                    ema.copy_to(eval_model.parameters())
-                else:
-                    eval_model.load_state_dict(unwrapped.state_dict())
-                pipeline = build_pipeline(
-                    setup.architecture, eval_model, setup.sampling_scheduler, setup.vae, setup.train_dataset.id2label
-                )
-                pipeline.set_progress_bar_config(disable=True)
-                details = (
-                    f"Recipe config in `training_config.yaml`: {setup.description}, {global_step} optimizer steps "
-                    f"({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x "
-                    f"{accelerator.device.type}; EMA weights: {ema is not None}."
-                )
-                results, best = evaluate(
-                    pipeline,
-                    setup=setup,
-                    config=config,
-                    epoch=epoch,
-                    step=global_step,
-                    best=best,
-                    validation_batches=validation_batches,
-                    details=details,
-                    accelerator=accelerator,
-                )
-                row.update(results)
-            accelerator.wait_for_everyone()
-        metrics_log.log_epoch(row)
-
-    progress.close()
-    for callback in callbacks:
-        callback.on_train_end(rank=rank, model=unwrapped, ema=ema)
-    if config.checkpoint.every_steps:
-        # The final state, for continuing with more epochs later.
-        _checkpoint(accelerator, config, global_step, best, steps_per_epoch, callbacks)
-    if config.hub.push_to_hub and accelerator.is_main_process:
-        push_folder(output_dir / "best", config.hub)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return output_dir
+        restore_metrics_log(checkpoint, config.output_dir)
+    accelerator.print(f"Resumed from {checkpoint} at step {saved['step']}.")
+    return LoopState(step=saved["step"], best=saved["best"], **saved["epoch_progress"])
 
 
-def _checkpoint(accelerator, config: RunConfig, step: int, best: dict, steps_per_epoch: int, callbacks) -> None:
-    """Checkpoint `step` with the loop's counters (the best record, the epoch length) beside accelerate's state."""
+def _checkpoint(accelerator, config, state: LoopState, model, lr_scheduler, ema, steps_per_epoch, callbacks) -> None:
+    """Checkpoint the current step with the loop's counters and the run's config."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise _diverged(f"The weights {bad[:3]} became non-finite", state.step, config.output_dir)
 
     def before_commit(step: int, folder: Path) -> None:
         for callback in callbacks:
             callback.before_checkpoint_commit(step=step, folder=folder)
 
+    progress = {"epoch_loss_sum": state.epoch_loss_sum, "epoch_steps": state.epoch_steps}
     save_checkpoint(
         accelerator,
         config.output_dir,
-        step,
-        {"best": best, "steps_per_epoch": steps_per_epoch, "epoch": step // steps_per_epoch},
+        state.step,
+        {
+            "best": state.best,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch": state.step // steps_per_epoch,
+            "epoch_progress": {**progress, "epoch_time_s": state.epoch_time_s},
+            "config": to_dict(config),
+        },
+        lr_scheduler=lr_scheduler,
+        ema=ema,
         total_limit=config.checkpoint.checkpoints_total_limit,
         before_commit=before_commit,
     )
+
+
+def _diverged(what: str, step: int, output_dir) -> TrainingDivergedError:
+    latest = latest_checkpoint(output_dir)
+    kept = f"the last checkpoint, {latest}, is kept as it was" if latest else "no checkpoint was written"
+    return TrainingDivergedError(
+        f"{what} at optimizer step {step}: the run diverged and stopped ({kept}; nothing non-finite was saved). "
+        "Lower optim.learning_rate, keep optim.max_grad_norm set, or add warm-up (optim.lr_warmup_steps)."
+    )
+
+
+def _process_mean(accelerator: Accelerator, value: float) -> float:
+    """The mean of a number over processes (every process gets the same value, so all stop together)."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean").item()
+
+
+def _epoch_row(accelerator, state: LoopState, epoch: int, lr_scheduler, global_batch: int) -> dict:
+    steps, seconds = max(state.epoch_steps, 1), max(state.epoch_time_s, 1e-9)
+    return {
+        "epoch": epoch,
+        "step": state.step,
+        "loss": state.epoch_loss_sum / steps,
+        "lr": lr_scheduler.get_last_lr()[0],
+        "epoch_time_s": state.epoch_time_s,
+        "step_time_ms": 1000 * state.epoch_time_s / steps,
+        "peak_mem_mb": peak_memory_mb(accelerator.device),
+        "imgs_per_sec": state.epoch_steps * global_batch / seconds,
+    }
+
+
+def _evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
+    """A pipeline around the evaluation copy of the model, holding the EMA weights (or the trained ones)."""
+    if ema is not None:
+        ema.copy_to(eval_model.parameters())
+    else:
+        eval_model.load_state_dict(model.state_dict())
+    pipeline = build_pipeline(
+        setup.architecture, eval_model, setup.sampling_scheduler, setup.vae, setup.train_dataset.id2label
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _push_best(output_dir: Path, hub_config, accelerator) -> Exception | None:
+    """Push `best/` to the Hub; a failure (unreachable Hub, no token, ...) keeps the outputs and says how to retry."""
+    try:
+        accelerator.print(f"Pushed {output_dir / 'best'}: {push_folder(output_dir / 'best', hub_config)}")
+        return None
+    except Exception as error:  # any network or Hub error: training itself succeeded and is kept
+        return HubPushError(
+            f"Training finished, but pushing {output_dir / 'best'} to {hub_config.hub_model_id} failed "
+            f"({type(error).__name__}: {error}). Every output is kept in {output_dir}; push it later with "
+            f"`hf upload {hub_config.hub_model_id} {output_dir / 'best'} .`."
+        )
+
+
+class HubPushError(ValueError):
+    """Training finished but its push to the Hub failed; the outputs are kept."""
 
 
 def _validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Accelerator) -> list:
@@ -393,8 +541,8 @@ def _validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Ac
 
 
 def _log_window(accelerator: Accelerator, progress, lr_scheduler, window_losses: list[float], step: int) -> None:
-    """The mean loss of the steps since the last log, averaged over processes, to the progress bar and trackers."""
-    window_loss = accelerator.reduce(torch.tensor(np.mean(window_losses), device=accelerator.device), "mean").item()
+    """The mean loss of the steps since the last log (process means already) to the progress bar and trackers."""
+    window_loss = float(np.mean(window_losses))
     learning_rate = lr_scheduler.get_last_lr()[0]
     progress.set_postfix(loss=f"{window_loss:.4f}", lr=f"{learning_rate:.2e}")
     accelerator.log({"train/loss": window_loss, "train/lr": learning_rate}, step=step)

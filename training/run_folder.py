@@ -1,0 +1,164 @@
+"""A run's `output_dir`: one run at a time, never over an earlier run's outputs, resumed only with its own settings.
+
+- A lock file (`.run.lock`, the pid and host of the run holding it) is taken for the life of a run; a lock left
+  by a killed run on this host is detected as stale and replaced.
+- A fresh run refuses a folder that holds an earlier run's outputs unless told `--overwrite` (or to resume).
+- A resumed run refuses settings that differ from the checkpoint's run, except those that only say how long to
+  train, where to log and how to evaluate (`RESUMABLE_CHANGES`).
+"""
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from .config import ConfigError
+
+LOCK_FILENAME = ".run.lock"
+# What a run writes into its output_dir (`training.train`'s docstring lists them).
+RUN_OUTPUTS = ("config.yaml", "metrics.csv", "checkpoints", "last", "best", "samples", "logs")
+# Settings a resumed run may change: they do not alter the training trajectory up to the checkpoint.
+# (A longer run with a decaying lr schedule continues on the longer schedule.)
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "overwrite",
+    "train.num_epochs",
+    "train.max_steps",
+    "train.log_every_steps",
+    "train.report_to",
+    "data.num_workers",
+    "checkpoint.",
+    "eval.",
+    "hub.",
+)
+
+
+def earlier_outputs(output_dir: Path) -> list[str]:
+    """The names of an earlier run's outputs in `output_dir` (empty folders do not count)."""
+    found = []
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            found.append(name)
+    return found
+
+
+def check_fresh_output_dir(output_dir: Path, *, overwrite: bool, restart_of_same_run: bool) -> list[str]:
+    """Main process, before a fresh (not resumed) run: refuse an earlier run's outputs, or with `overwrite` (or
+    when the same run is started again and never checkpointed) remove them. Returns the names removed."""
+    outputs = earlier_outputs(output_dir)
+    if not outputs:
+        return []
+    if not (overwrite or restart_of_same_run):
+        checkpoints = " and resumable checkpoints" if "checkpoints" in outputs else ""
+        raise ConfigError(
+            f"{output_dir} already holds the outputs{checkpoints} of an earlier run ({', '.join(outputs)}); continue "
+            "it with --checkpoint.resume_from_checkpoint latest, replace it with --overwrite, or choose another "
+            "output_dir."
+        )
+    for name in outputs:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return outputs
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every setting outside `RESUMABLE_CHANGES` that differs."""
+    saved, current = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):
+            continue
+        changes.append(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def check_resume_settings(checkpoint: Path, saved_config: dict, current_config: dict) -> None:
+    """Refuse to resume `checkpoint` with settings that would not take effect consistently."""
+    changes = changed_settings(saved_config, current_config)
+    if changes:
+        raise ConfigError(
+            f"Resuming {checkpoint} with settings that differ from the run that wrote it: {'; '.join(changes)}. "
+            "A resumed run keeps the checkpoint's model, optimizer and data order, so these would not apply (or "
+            "apply only from here on); resume with the original settings, or start a new run in another "
+            "output_dir. Only how long to train, logging, evaluation, checkpointing and the Hub may change."
+        )
+
+
+class RunLock:
+    """`output_dir/.run.lock` held by the main process for the life of a run."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILENAME
+        self.held, self.created_folder = False, False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None  # half-written by a killed process, or removed meanwhile: not a live run's lock
+
+    @staticmethod
+    def _is_alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # another machine's process: cannot tell, so assume it runs
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a stale lock was replaced. Raises ConfigError when a live run holds
+        it."""
+        # A run refused before it wrote anything leaves no folder behind: `release` removes the one made here.
+        self.created_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        note = None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and self._is_alive(holder):
+                    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+                    raise ConfigError(
+                        f"{self.path.parent} is in use by another run (pid {holder['pid']} on "
+                        f"{holder.get('host')}, started {started}); two runs in one folder would mix their outputs. "
+                        f"Wait for it to finish or choose another output_dir; if no run uses it, delete {self.path}."
+                    )
+                note = f"Replaced the stale lock {self.path} of a run that no longer runs ({holder})."
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as file:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, file)
+            self.held = True
+            return note
+        raise ConfigError(f"Could not take the lock {self.path}: other runs keep taking it.")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self._holder()
+            if holder is not None and holder.get("pid") == os.getpid():
+                os.remove(self.path)
+            self.held = False
+            if self.created_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
