@@ -1,9 +1,14 @@
 """Test-only driver: `training.train` with test hooks installed through the loop's callbacks.
 
-    python tests/train_with_hooks.py [--kill-during-checkpoint STEP] [--debug-dir DIR] -- <training arguments>
+    python tests/train_with_hooks.py [--kill-during-checkpoint STEP] [--kill-at-event N] [--count-events FILE]
+                                     [--debug-dir DIR] -- <training arguments>
 
 `--kill-during-checkpoint STEP` kills the process (SIGKILL) while checkpoint STEP is being written, after its
 files are on disk but before it is renamed into place: the worst moment for a non-atomic scheme.
+`--kill-at-event N` kills the process (SIGKILL) just before its N-th file-system event or micro-batch, counting
+every `os.rename` / `os.replace` / `os.unlink` / `os.remove` / `shutil.copyfile` call and every micro-batch: kills
+land while a checkpoint is written or pruned, between the two renames that replace `last/`, while `metrics.csv` is
+replaced, and mid-training. `--count-events FILE` writes the number of events of a complete run to FILE.
 `--debug-dir DIR` makes every process log the dataset indices it trains on (`samples_rank<r>.jsonl`) and, at the
 end, its own copy of the weights (`weights_rank<r>.safetensors`). Runs under `accelerate launch` too.
 """
@@ -11,6 +16,7 @@ end, its own copy of the weights (`weights_rank<r>.safetensors`). Runs under `ac
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -29,6 +35,32 @@ class KillDuringCheckpoint(TrainingCallback):
     def before_checkpoint_commit(self, *, step, folder):
         if step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillAtEvent(TrainingCallback):
+    """Counts file-system events (patched process-wide) and micro-batches; SIGKILL before event `kill_at`."""
+
+    PATCHED = ((os, "rename"), (os, "replace"), (os, "unlink"), (os, "remove"), (shutil, "copyfile"))
+
+    def __init__(self, kill_at: int | None):
+        self.kill_at, self.count = kill_at, 0
+        for module, name in self.PATCHED:
+            setattr(module, name, self._counting(getattr(module, name)))
+
+    def _event(self) -> None:
+        self.count += 1
+        if self.count == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _counting(self, function):
+        def counted(*args, **kwargs):
+            self._event()
+            return function(*args, **kwargs)
+
+        return counted
+
+    def on_micro_batch(self, *, rank, epoch, step, indices):
+        self._event()
 
 
 class DumpDebugState(TrainingCallback):
@@ -53,19 +85,29 @@ class DumpDebugState(TrainingCallback):
 def main(argv: list[str]) -> Path:
     if "--" not in argv:
         raise ValueError(
-            "usage: train_with_hooks.py [--kill-during-checkpoint STEP] [--debug-dir DIR] -- <training args>"
+            "usage: train_with_hooks.py [--kill-during-checkpoint STEP] [--kill-at-event N] [--count-events FILE] "
+            "[--debug-dir DIR] -- <training args>"
         )
     split = argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-during-checkpoint", type=int, default=None)
+    parser.add_argument("--kill-at-event", type=int, default=None)
+    parser.add_argument("--count-events", type=Path, default=None)
     parser.add_argument("--debug-dir", type=Path, default=None)
     hooks = parser.parse_args(argv[:split])
     callbacks = []
+    events = None
+    if hooks.kill_at_event is not None or hooks.count_events is not None:
+        events = KillAtEvent(hooks.kill_at_event)
+        callbacks.append(events)
     if hooks.kill_during_checkpoint is not None:
         callbacks.append(KillDuringCheckpoint(hooks.kill_during_checkpoint))
     if hooks.debug_dir is not None:
         callbacks.append(DumpDebugState(hooks.debug_dir))
-    return train(load_config(argv[split + 1 :]), callbacks=callbacks)
+    output_dir = train(load_config(argv[split + 1 :]), callbacks=callbacks)
+    if hooks.count_events is not None:
+        hooks.count_events.write_text(str(events.count))
+    return output_dir
 
 
 if __name__ == "__main__":

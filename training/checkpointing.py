@@ -95,21 +95,30 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_leftovers(output_dir: str | os.PathLike) -> list[str]:
-    """Main process, at the start of a run: finish what a killed run left half done under `checkpoints/`.
+    """Main process, at the start of a run: finish what a killed run left half done in `output_dir`.
 
-    An interrupted replacement is undone (`recover_directory`); hidden temporary folders (a checkpoint being
-    written, an old one being deleted) are removed. Returns the names removed.
+    An interrupted replacement of a checkpoint is undone (`recover_directory`); hidden temporaries (a checkpoint
+    being written or deleted, a `last/` being written, a `metrics.csv` being replaced) are removed. Returns the
+    paths removed, relative to `output_dir`.
     """
-    folder = Path(output_dir) / CHECKPOINTS_DIRNAME
-    if not folder.is_dir():
-        return []
-    for entry in list(folder.iterdir()):
-        if entry.name.startswith(REPLACED_PREFIX):
-            recover_directory(entry.with_name(entry.name[len(REPLACED_PREFIX) :]))
+    output_dir = Path(output_dir)
+    folder = output_dir / CHECKPOINTS_DIRNAME
+    if folder.is_dir():
+        for entry in list(folder.iterdir()):
+            if entry.name.startswith(REPLACED_PREFIX):
+                recover_directory(entry.with_name(entry.name[len(REPLACED_PREFIX) :]))
     removed = []
-    for entry in folder.glob(TEMPORARY_PREFIX + "*"):
-        shutil.rmtree(entry)
-        removed.append(entry.name)
+    for parent in (output_dir, folder):
+        if not parent.is_dir():
+            continue
+        for entry in list(parent.iterdir()):
+            if entry.name.startswith(TEMPORARY_PREFIX) and entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.is_file():
+                entry.unlink()  # `atomic_files.write_file_atomically`'s temporary file
+            else:
+                continue
+            removed.append(str(entry.relative_to(output_dir)))
     return removed
 
 

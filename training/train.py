@@ -32,7 +32,6 @@ from image_data import ShardedBatchSampler
 
 from .artifacts import MetricsLog, card_metrics, peak_memory_mb, push_folder, save_sample_grid, tracker_config
 from .checkpointing import (
-    CHECKPOINTS_DIRNAME,
     latest_checkpoint,
     load_checkpoint,
     read_training_state,
@@ -357,7 +356,7 @@ def _claim_on_main_process(config: RunConfig, lock: RunLock, say) -> Path | None
         say(note)
     try:
         for name in remove_leftovers(output_dir):
-            say(f"Removed {output_dir / CHECKPOINTS_DIRNAME / name}, left half-written by a killed run.")
+            say(f"Removed {output_dir / name}, left half-written by a killed run.")
         for folder in ("last", "best"):
             recover_directory(output_dir / folder)
         resume_path, skipped = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
