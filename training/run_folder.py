@@ -14,7 +14,11 @@ import socket
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from .checkpointing import read_training_state, recover_directory, remove_leftovers, resolve_resume_path
+from .config import ConfigError, RunConfig, parse_yaml, to_dict
 
 LOCK_FILENAME = ".run.lock"
 # What a run writes into its output_dir (`training.train`'s docstring lists them).
@@ -162,3 +166,56 @@ class RunLock:
             self.held = False
             if self.created_folder and not any(self.path.parent.iterdir()):
                 self.path.parent.rmdir()
+
+
+def claim_output_dir(config: RunConfig, accelerator: Accelerator, lock: RunLock) -> Path | None:
+    """Lock `output_dir` (main process), finish what a killed run left half done, check the checkpoint to resume
+    from (or that no earlier run's outputs are in the way); returns the checkpoint, on every process."""
+    error, resume_path = None, None
+    if accelerator.is_main_process:
+        try:
+            resume_path = _claim_on_main_process(config, lock, accelerator.print)
+        except ValueError as exc:
+            error = exc
+    shared = broadcast_object_list([None if error is None else str(error), resume_path and str(resume_path)])
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise ConfigError(shared[0])
+    return None if shared[1] is None else Path(shared[1])
+
+
+def _claim_on_main_process(config: RunConfig, lock: RunLock, say) -> Path | None:
+    output_dir = Path(config.output_dir)
+    if note := lock.acquire():
+        say(note)
+    try:
+        for name in remove_leftovers(output_dir):
+            say(f"Removed {output_dir / name}, left half-written by a killed run.")
+        for folder in ("last", "best"):
+            recover_directory(output_dir / folder)
+        resume_path, skipped = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
+        for name, reason in skipped:
+            say(f"Warning: not resuming from {name}, the newest checkpoint: {reason}")
+        if resume_path is not None:
+            check_resume_settings(resume_path, read_training_state(resume_path)["config"], to_dict(config))
+            return resume_path
+        # `latest` with nothing to resume from starts afresh; over this run's own earlier start only.
+        restart = config.checkpoint.resume_from_checkpoint == "latest" and _same_run(output_dir, config)
+        removed = check_fresh_output_dir(output_dir, overwrite=config.overwrite, restart_of_same_run=restart)
+        if removed:
+            why = "--overwrite" if config.overwrite else "the same run started again before its first checkpoint"
+            say(f"Removed the earlier outputs {removed} from {output_dir} ({why}).")
+        return None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _same_run(output_dir: Path, config: RunConfig) -> bool:
+    """Whether `output_dir/config.yaml` is this run's config (up to the settings a resume may change)."""
+    try:
+        saved = parse_yaml((output_dir / "config.yaml").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and not changed_settings(saved, to_dict(config))

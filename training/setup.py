@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -286,3 +287,9 @@ def build_ema(ema_config, model: torch.nn.Module) -> EMAModel | None:
         power=ema_config.power,
         update_after_step=ema_config.update_after_step,
     )
+
+
+def step_generator(*counters: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, rank, epoch, micro-batch, ...): the step's randomness, the same on resume."""
+    seed = np.random.SeedSequence([int(c) for c in counters]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(seed))

@@ -8,11 +8,16 @@ Plain `python -m training.train ...` works too (one process). Any config key can
     logs/                 tensorboard
     samples/              a sample grid (one row per class) and a denoising GIF per evaluation
     checkpoints/          `checkpoint-<step>` folders for exact resumption
-                          (`--checkpoint.resume_from_checkpoint latest`)
+                          (`--checkpoint.resume_from_checkpoint latest`), checked file by file before use
     last/, best/          pipeline folders that `DiffusionPipeline.from_pretrained` loads, with a model card
+    .run.lock             held while the run runs: a second run into the same folder is refused
+
+A fresh run refuses a folder holding an earlier run's outputs (`--overwrite` replaces them); a resumed run refuses
+settings that differ from the checkpoint's run; a NaN or infinite loss stops the run with the last checkpoint kept.
 
 This file is the loop. What it trains comes from `training/setup.py` (a `TrainingSetup`; LoRA fine-tuning builds
-its own), what it writes from `training/artifacts.py`, the checkpoints from `training/checkpointing.py`.
+its own), the evaluation step from `training/evaluation_step.py`, what it writes from `training/artifacts.py`, the
+checkpoints from `training/checkpointing.py`, the output folder's rules from `training/run_folder.py`.
 """
 
 import copy
@@ -25,32 +30,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from image_data import ShardedBatchSampler
 
-from .artifacts import MetricsLog, card_metrics, peak_memory_mb, push_folder, save_sample_grid, tracker_config
-from .checkpointing import (
-    latest_checkpoint,
-    load_checkpoint,
-    read_training_state,
-    recover_directory,
-    remove_leftovers,
-    resolve_resume_path,
-    restore_metrics_log,
-    save_checkpoint,
-)
-from .config import ConfigError, RunConfig, load_config, parse_yaml, save_config, to_dict
-from .run_folder import RunLock, changed_settings, check_fresh_output_dir, check_resume_settings
+from .artifacts import MetricsLog, peak_memory_mb, push_folder, tracker_config
+from .checkpointing import latest_checkpoint, load_checkpoint, restore_metrics_log, save_checkpoint
+from .config import ConfigError, RunConfig, load_config, save_config, to_dict
+from .evaluation_step import evaluate, evaluation_pipeline, validation_batches
+from .run_folder import RunLock, claim_output_dir
 from .setup import (
-    TrainingSetup,
     build_accelerator,
     build_ema,
     build_optimizer,
-    build_pipeline,
     build_training_setup,
     idle_cpu_cores_hint,
+    step_generator,
     to_model_space,
 )
 
@@ -67,105 +63,6 @@ class TrainingCallback:
 
     def on_train_end(self, *, rank: int, model: torch.nn.Module, ema) -> None:
         """After the last step, before the final checkpoint: the trained (unwrapped) model and the EMA or None."""
-
-
-def step_generator(*counters: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, rank, epoch, micro-batch, ...): the step's randomness, the same on resume."""
-    seed = np.random.SeedSequence([int(c) for c in counters]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(seed))
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation and the best-checkpoint rule
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def validation_loss(model, objective, batches, vae, seed: int) -> float:
-    """Mean objective over fixed validation batches with fixed noise: comparable across evaluations."""
-    total, count = 0.0, 0
-    for index, (pixel_values, class_labels) in enumerate(batches):
-        generator = step_generator(seed, index)
-        clean = to_model_space(pixel_values, vae, generator)
-        loss = objective(model, clean, class_labels, generator)
-        total += loss.item() * pixel_values.shape[0]
-        count += pixel_values.shape[0]
-    return total / count
-
-
-def quality_metrics(pipeline, eval_config) -> dict:
-    """FID-MNIST / GAN-test accuracy / ... from `evaluation` (imported only when asked for)."""
-    from evaluation import evaluate_pipeline
-
-    return evaluate_pipeline(
-        pipeline,
-        num_samples_per_class=eval_config.fid_n,
-        num_inference_steps=eval_config.num_inference_steps,
-        guidance_scale=eval_config.guidance_scale,
-        seed=eval_config.seed,
-        batch_size=eval_config.batch_size,
-    )
-
-
-def improves_on(best: dict, results: dict) -> tuple[str, float | None] | None:
-    """The criterion `(name, value)` of `results` if they make a new best, else None.
-
-    FID when measured, else the validation loss; lower is better. A change of criterion, or an evaluation with
-    neither, makes the newest evaluation the best.
-    """
-    criterion = ("fid", results["fid"]) if results.get("fid") is not None else ("val_loss", results.get("val_loss"))
-    name, value = criterion
-    if value is None or best["value"] is None or best["name"] != name or value <= best["value"]:
-        return criterion
-    return None
-
-
-def evaluate(
-    pipeline,
-    *,
-    setup: TrainingSetup,
-    config: RunConfig,
-    epoch: int,
-    step: int,
-    best: dict,
-    validation_batches: list,
-    details: str,
-    accelerator: Accelerator,
-) -> tuple[dict, dict]:
-    """Main process: sample grid (and GIF), validation loss, metrics, `last/` and, if better, `best/`.
-
-    Returns (the epoch's metrics row entries, the best record after this evaluation).
-    """
-    started = time.perf_counter()
-    output_dir = Path(config.output_dir)
-    name = f"epoch_{epoch:04d}"
-    gif_path = output_dir / "samples" / f"{name}.gif" if config.eval.gif else None
-    num_classes = setup.train_dataset.num_classes
-    grid = save_sample_grid(pipeline, config.eval, num_classes, output_dir / "samples" / f"{name}.png", gif_path)
-    results, metrics = {}, {}
-    if validation_batches:
-        results["val_loss"] = validation_loss(
-            pipeline.denoiser, setup.objective, validation_batches, setup.vae, config.eval.seed
-        )
-    if config.eval.fid_n > 0:
-        metrics = quality_metrics(pipeline, config.eval)
-        results.update(
-            fid=metrics.get("fid_mnist", metrics.get("fid")),
-            gan_test_acc=metrics.get("gan_test_acc"),
-            inception_score=metrics.get("inception_score"),
-            metric_num_samples=metrics.get("num_samples"),
-        )
-    card = card_metrics(metrics)
-    setup.save_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
-    criterion = improves_on(best, results)
-    if criterion is not None:
-        best = {"name": criterion[0], "value": criterion[1], "step": step}
-        setup.save_folder(pipeline, output_dir / "best", config=config, grid=grid, metrics=card, details=details)
-    values = {f"eval/{k}": v for k, v in {**metrics, **results}.items() if isinstance(v, (int, float))}
-    accelerator.log(values, step=step)
-    if config.train.report_to == "tensorboard":
-        writer = accelerator.get_tracker("tensorboard", unwrap=True)
-        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    results["eval_time_s"] = time.perf_counter() - started
-    return results, best
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,7 +91,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
     accelerator = build_accelerator(config)
     rank, num_processes, seed = accelerator.process_index, accelerator.num_processes, config.train.seed
     lock = RunLock(output_dir)
-    resume_path = _claim_output_dir(config, accelerator, lock)
+    resume_path = claim_output_dir(config, accelerator, lock)
     try:
         setup = build_setup(config, accelerator)
         model, train_dataset = setup.model, setup.train_dataset
@@ -224,7 +121,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         metrics_log = MetricsLog(output_dir / "metrics.csv", accelerator, fresh=resume_path is None)
         # Evaluation state lives on the main process only: a copy of the model that receives the EMA weights.
         eval_model = copy.deepcopy(unwrapped).eval().requires_grad_(False) if accelerator.is_main_process else None
-        validation_batches = _validation_batches(setup, config, accelerator)
+        eval_batches = validation_batches(setup, config, accelerator)
         global_batch = config.train.batch_size * num_processes * accum
         accelerator.print(
             f"{type(unwrapped).__name__} ({sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters), "
@@ -295,13 +192,13 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
             row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
             if (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps:
                 if accelerator.is_main_process:
-                    pipeline = _evaluation_pipeline(setup, eval_model, unwrapped, ema)
+                    pipeline = evaluation_pipeline(setup, eval_model, unwrapped, ema)
                     details = (
                         f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
                         f"steps ({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x "
                         f"{accelerator.device.type}; EMA weights: {ema is not None}."
                     )
-                    kwargs = dict(validation_batches=validation_batches, details=details, accelerator=accelerator)
+                    kwargs = dict(validation_batches=eval_batches, details=details, accelerator=accelerator)
                     results, state.best = evaluate(
                         pipeline, setup=setup, config=config, epoch=epoch, step=state.step, best=state.best, **kwargs
                     )
@@ -333,59 +230,6 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
 # --------------------------------------------------------------------------------------------------
 # The loop's steps, as functions of explicit inputs
 # --------------------------------------------------------------------------------------------------
-def _claim_output_dir(config: RunConfig, accelerator: Accelerator, lock: RunLock) -> Path | None:
-    """Lock `output_dir` (main process), finish what a killed run left half done, check the checkpoint to resume
-    from (or that no earlier run's outputs are in the way); returns the checkpoint, on every process."""
-    error, resume_path = None, None
-    if accelerator.is_main_process:
-        try:
-            resume_path = _claim_on_main_process(config, lock, accelerator.print)
-        except ValueError as exc:
-            error = exc
-    shared = broadcast_object_list([None if error is None else str(error), resume_path and str(resume_path)])
-    if error is not None:
-        raise error
-    if shared[0] is not None:
-        raise ConfigError(shared[0])
-    return None if shared[1] is None else Path(shared[1])
-
-
-def _claim_on_main_process(config: RunConfig, lock: RunLock, say) -> Path | None:
-    output_dir = Path(config.output_dir)
-    if note := lock.acquire():
-        say(note)
-    try:
-        for name in remove_leftovers(output_dir):
-            say(f"Removed {output_dir / name}, left half-written by a killed run.")
-        for folder in ("last", "best"):
-            recover_directory(output_dir / folder)
-        resume_path, skipped = resolve_resume_path(config.checkpoint.resume_from_checkpoint, output_dir)
-        for name, reason in skipped:
-            say(f"Warning: not resuming from {name}, the newest checkpoint: {reason}")
-        if resume_path is not None:
-            check_resume_settings(resume_path, read_training_state(resume_path)["config"], to_dict(config))
-            return resume_path
-        # `latest` with nothing to resume from starts afresh; over this run's own earlier start only.
-        restart = config.checkpoint.resume_from_checkpoint == "latest" and _same_run(output_dir, config)
-        removed = check_fresh_output_dir(output_dir, overwrite=config.overwrite, restart_of_same_run=restart)
-        if removed:
-            why = "--overwrite" if config.overwrite else "the same run started again before its first checkpoint"
-            say(f"Removed the earlier outputs {removed} from {output_dir} ({why}).")
-        return None
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _same_run(output_dir: Path, config: RunConfig) -> bool:
-    """Whether `output_dir/config.yaml` is this run's config (up to the settings a resume may change)."""
-    try:
-        saved = parse_yaml((output_dir / "config.yaml").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and not changed_settings(saved, to_dict(config))
-
-
 def _prepare_model(config: RunConfig, model) -> None:
     if model.config.learn_sigma:
         raise ConfigError(
@@ -496,19 +340,6 @@ def _epoch_row(accelerator, state: LoopState, epoch: int, lr_scheduler, global_b
     }
 
 
-def _evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
-    """A pipeline around the evaluation copy of the model, holding the EMA weights (or the trained ones)."""
-    if ema is not None:
-        ema.copy_to(eval_model.parameters())
-    else:
-        eval_model.load_state_dict(model.state_dict())
-    pipeline = build_pipeline(
-        setup.architecture, eval_model, setup.sampling_scheduler, setup.vae, setup.train_dataset.id2label
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def _push_best(output_dir: Path, hub_config, accelerator) -> Exception | None:
     """Push `best/` to the Hub; a failure (unreachable Hub, no token, ...) keeps the outputs and says how to retry."""
     try:
@@ -524,19 +355,6 @@ def _push_best(output_dir: Path, hub_config, accelerator) -> Exception | None:
 
 class HubPushError(ValueError):
     """Training finished but its push to the Hub failed; the outputs are kept."""
-
-
-def _validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Accelerator) -> list:
-    """The main process's fixed validation batches on the device (none elsewhere, or without a validation set)."""
-    if not accelerator.is_main_process or setup.validation_dataset is None:
-        return []
-    loader = torch.utils.data.DataLoader(
-        setup.validation_dataset,
-        batch_size=config.eval.batch_size,
-        generator=torch.Generator().manual_seed(config.train.seed),
-    )
-    device = accelerator.device
-    return [(batch["pixel_values"].to(device), batch["class_labels"].to(device)) for batch in loader]
 
 
 def _log_window(accelerator: Accelerator, progress, lr_scheduler, window_losses: list[float], step: int) -> None:

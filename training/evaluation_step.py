@@ -1,0 +1,131 @@
+"""The loop's evaluation step and the best-checkpoint rule: on the main process, every `eval.every_epochs`, a
+sample grid (and GIF), the validation loss, optional quality metrics, `last/` and, when better, `best/`.
+Everything it needs comes in as arguments; it returns the epoch's metrics and the new best record.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from .artifacts import card_metrics, save_sample_grid
+from .config import RunConfig
+from .setup import TrainingSetup, build_pipeline, step_generator, to_model_space
+
+
+@torch.no_grad()
+def validation_loss(model, objective, batches, vae, seed: int) -> float:
+    """Mean objective over fixed validation batches with fixed noise: comparable across evaluations."""
+    total, count = 0.0, 0
+    for index, (pixel_values, class_labels) in enumerate(batches):
+        generator = step_generator(seed, index)
+        clean = to_model_space(pixel_values, vae, generator)
+        loss = objective(model, clean, class_labels, generator)
+        total += loss.item() * pixel_values.shape[0]
+        count += pixel_values.shape[0]
+    return total / count
+
+
+def quality_metrics(pipeline, eval_config) -> dict:
+    """FID-MNIST / GAN-test accuracy / ... from `evaluation` (imported only when asked for)."""
+    from evaluation import evaluate_pipeline
+
+    return evaluate_pipeline(
+        pipeline,
+        num_samples_per_class=eval_config.fid_n,
+        num_inference_steps=eval_config.num_inference_steps,
+        guidance_scale=eval_config.guidance_scale,
+        seed=eval_config.seed,
+        batch_size=eval_config.batch_size,
+    )
+
+
+def improves_on(best: dict, results: dict) -> tuple[str, float | None] | None:
+    """The criterion `(name, value)` of `results` if they make a new best, else None.
+
+    FID when measured, else the validation loss; lower is better. A change of criterion, or an evaluation with
+    neither, makes the newest evaluation the best.
+    """
+    criterion = ("fid", results["fid"]) if results.get("fid") is not None else ("val_loss", results.get("val_loss"))
+    name, value = criterion
+    if value is None or best["value"] is None or best["name"] != name or value <= best["value"]:
+        return criterion
+    return None
+
+
+def evaluate(
+    pipeline,
+    *,
+    setup: TrainingSetup,
+    config: RunConfig,
+    epoch: int,
+    step: int,
+    best: dict,
+    validation_batches: list,
+    details: str,
+    accelerator: Accelerator,
+) -> tuple[dict, dict]:
+    """Main process: sample grid (and GIF), validation loss, metrics, `last/` and, if better, `best/`.
+
+    Returns (the epoch's metrics row entries, the best record after this evaluation).
+    """
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    name = f"epoch_{epoch:04d}"
+    gif_path = output_dir / "samples" / f"{name}.gif" if config.eval.gif else None
+    num_classes = setup.train_dataset.num_classes
+    grid = save_sample_grid(pipeline, config.eval, num_classes, output_dir / "samples" / f"{name}.png", gif_path)
+    results, metrics = {}, {}
+    if validation_batches:
+        results["val_loss"] = validation_loss(
+            pipeline.denoiser, setup.objective, validation_batches, setup.vae, config.eval.seed
+        )
+    if config.eval.fid_n > 0:
+        metrics = quality_metrics(pipeline, config.eval)
+        results.update(
+            fid=metrics.get("fid_mnist", metrics.get("fid")),
+            gan_test_acc=metrics.get("gan_test_acc"),
+            inception_score=metrics.get("inception_score"),
+            metric_num_samples=metrics.get("num_samples"),
+        )
+    card = card_metrics(metrics)
+    setup.save_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
+    criterion = improves_on(best, results)
+    if criterion is not None:
+        best = {"name": criterion[0], "value": criterion[1], "step": step}
+        setup.save_folder(pipeline, output_dir / "best", config=config, grid=grid, metrics=card, details=details)
+    values = {f"eval/{k}": v for k, v in {**metrics, **results}.items() if isinstance(v, (int, float))}
+    accelerator.log(values, step=step)
+    if config.train.report_to == "tensorboard":
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+    results["eval_time_s"] = time.perf_counter() - started
+    return results, best
+
+
+def evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
+    """A pipeline around the evaluation copy of the model, holding the EMA weights (or the trained ones)."""
+    if ema is not None:
+        ema.copy_to(eval_model.parameters())
+    else:
+        eval_model.load_state_dict(model.state_dict())
+    pipeline = build_pipeline(
+        setup.architecture, eval_model, setup.sampling_scheduler, setup.vae, setup.train_dataset.id2label
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Accelerator) -> list:
+    """The main process's fixed validation batches on the device (none elsewhere, or without a validation set)."""
+    if not accelerator.is_main_process or setup.validation_dataset is None:
+        return []
+    loader = torch.utils.data.DataLoader(
+        setup.validation_dataset,
+        batch_size=config.eval.batch_size,
+        generator=torch.Generator().manual_seed(config.train.seed),
+    )
+    device = accelerator.device
+    return [(batch["pixel_values"].to(device), batch["class_labels"].to(device)) for batch in loader]
