@@ -390,3 +390,16 @@ def test_random_kills_resume_to_bit_identical_weights_and_a_complete_metrics_log
     assert [row["step"] for row in rows[0]] == ["8", "12"]
     leftovers = [p for p in killed.rglob("*") if p.name.startswith((TEMPORARY_PREFIX, REPLACED_PREFIX, ".metrics"))]
     assert not leftovers and not (killed / LOCK_FILENAME).exists(), (leftovers, kills)
+
+
+def test_an_unreachable_hub_at_the_end_keeps_the_outputs_and_says_how_to_push_later(tmp_path, capsys):
+    # This test process is offline (conftest.py): the push fails as it would against an unreachable Hub.
+    output_dir = tmp_path / "run"
+    push = ["--train.max_steps", "2", "--hub.push_to_hub", "true", "--hub.hub_model_id", "user/digits"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_module.main, [*ARGS, "--output_dir", str(output_dir), *push])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(error) == 1
+    assert "Every output is kept" in error[0] and f"hf upload user/digits {output_dir / 'best'}" in error[0]
+    assert (output_dir / "best" / "model_index.json").is_file() and list_checkpoints(output_dir)
+    assert not (output_dir / LOCK_FILENAME).exists()

@@ -268,7 +268,7 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Resumable training state (`accelerator.save_state`, EMA included), written atomically."""
+    """Resumable training state (safetensors, JSON and accelerate's weights-only pickles), written atomically."""
 
     every_steps: int = bounded(500, 0, doc="save the resumable training state every N optimizer steps; 0 saves none")
     checkpoints_total_limit: int | None = bounded(3, 1, doc="keep only the newest N checkpoints; null keeps all")
