@@ -219,3 +219,20 @@ def test_help_lists_every_key_with_its_default_and_exits_cleanly(capsys):
     text = capsys.readouterr().out
     assert "--model.architecture (str, default 'unet') one of ['unet', 'dit', 'mmdit']" in text
     assert "--train.batch_size" in text and "--checkpoint.resume_from_checkpoint" in text
+
+
+def test_every_accelerate_tracker_is_accepted_when_installed_and_refused_with_the_package_name_when_not():
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    from training.config import TRACKERS
+
+    assert set(TRACKERS) == {t.value for t in LoggerType} - {"all"} | {"none"}
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    assert "tensorboard" in installed  # a dependency of the project
+    for tracker in TRACKERS:
+        if tracker == "none" or tracker in installed:
+            load_config(["--train.report_to", tracker])
+        else:
+            with pytest.raises(ConfigError, match=rf"the {tracker} package is not installed \(pip install {tracker}\)"):
+                load_config(["--train.report_to", tracker])

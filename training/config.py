@@ -33,7 +33,8 @@ LOSSES = ("mse", "l1")
 SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-TRACKERS = ("tensorboard", "none")
+# Every tracker accelerate supports (`accelerate.utils.LoggerType` but "all"); the chosen one must be installed.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio", "none")
 
 
 class ConfigError(ValueError):
@@ -226,7 +227,9 @@ class TrainConfig:
     compile: bool = described(False, doc="`torch.compile` the model")
     allow_tf32: bool = described(True, doc="allow TF32 matrix multiplications and convolutions on GPUs that have them")
     log_every_steps: int = bounded(50, 1, doc="log the mean loss and the learning rate every N optimizer steps")
-    report_to: str = choice("tensorboard", TRACKERS, doc="tracker writing the logs to output_dir/logs/, or none")
+    report_to: str = choice(
+        "tensorboard", TRACKERS, doc="accelerate tracker for the logs (tensorboard writes to output_dir/logs/), or none"
+    )
 
 
 @dataclass
@@ -512,6 +515,20 @@ def model_class(architecture: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def check_tracker(report_to: str) -> None:
+    """Refuse a tracker whose package is not installed, naming the package and the installed ones."""
+    if report_to == "none":
+        return
+    from accelerate.tracking import get_available_trackers
+
+    available = [str(getattr(t, "value", t)) for t in get_available_trackers()]
+    if report_to not in available:
+        raise ConfigError(
+            f"train.report_to {report_to!r}: the {report_to} package is not installed (pip install {report_to}). "
+            f"Installed trackers: {sorted(available) + ['none']}."
+        )
+
+
 def check_loop_settings(config) -> None:
     """Checks of the sections the training loop reads, shared by full and LoRA training configs."""
     if config.eval.fid_n == 1:
@@ -522,6 +539,7 @@ def check_loop_settings(config) -> None:
         raise ConfigError(
             "hub.push_to_hub is true but hub.hub_model_id is not set; give the repo id, e.g. 'user/mnist-dit'."
         )
+    check_tracker(config.train.report_to)
     resume = config.checkpoint.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise ConfigError(f"checkpoint.resume_from_checkpoint {resume!r} is neither 'latest' nor a checkpoint folder.")
