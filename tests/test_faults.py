@@ -403,3 +403,21 @@ def test_an_unreachable_hub_at_the_end_keeps_the_outputs_and_says_how_to_push_la
     assert "Every output is kept" in error[0] and f"hf upload user/digits {output_dir / 'best'}" in error[0]
     assert (output_dir / "best" / "model_index.json").is_file() and list_checkpoints(output_dir)
     assert not (output_dir / LOCK_FILENAME).exists()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda state: state.pop("config"),
+        lambda state: state.update(step="4"),
+        lambda state: state.update(num_processes=0),
+        lambda state: state["epoch_progress"].update(extra=1),
+    ],
+)
+def test_a_tampered_training_state_is_refused(finished_run, tmp_path, edit):
+    checkpoint = _copy(finished_run, tmp_path) / "checkpoints" / "checkpoint-4"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    edit(state)
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="is not a training state this loop wrote"):
+        check_checkpoint(checkpoint)

@@ -170,6 +170,37 @@ def _check_pickle(path: Path, what: str) -> dict:
     return content
 
 
+# The keys of training_state.json and the JSON types of their values.
+STATE_SCHEMA = {
+    "step": int,
+    "num_processes": int,
+    "steps_per_epoch": int,
+    "epoch": int,
+    "best": dict,
+    "epoch_progress": dict,
+    "lr_scheduler": dict,
+    "ema": (dict, type(None)),
+    "config": dict,
+}
+EPOCH_PROGRESS_KEYS = ("epoch_loss_sum", "epoch_steps", "epoch_time_s")
+
+
+def _check_state_schema(state: dict, path: Path) -> None:
+    missing = [k for k in STATE_SCHEMA if k not in state]
+    wrong = [k for k, kind in STATE_SCHEMA.items() if k in state and not isinstance(state[k], kind)]
+    progress = state.get("epoch_progress")
+    if isinstance(progress, dict) and (
+        sorted(progress) != sorted(EPOCH_PROGRESS_KEYS)
+        or not all(isinstance(v, (int, float)) for v in progress.values())
+    ):
+        wrong.append("epoch_progress")
+    if missing or wrong or state["step"] < 0 or state["num_processes"] < 1 or state["steps_per_epoch"] < 1:
+        raise CheckpointError(
+            f"{path} is not a training state this loop wrote (missing keys {missing}, ill-typed or out-of-range "
+            f"values {wrong or [k for k in ('step', 'num_processes', 'steps_per_epoch')]})."
+        )
+
+
 def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
     """Read every file of a checkpoint folder safely and return its training state; raise CheckpointError naming
     the file when the folder cannot be resumed from exactly (missing, corrupt, foreign or non-finite content)."""
@@ -186,9 +217,7 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
             "older checkpoints kept the EMA and the lr scheduler as pickles, which can run code when loaded, so "
             "they are not resumed. Its model.safetensors holds the weights; start a new run to continue training."
         )
-    missing_keys = [k for k in ("step", "num_processes", "ema", "lr_scheduler", "best", "epoch") if k not in state]
-    if missing_keys:
-        raise CheckpointError(f"{checkpoint / TRAINING_STATE_FILENAME} lacks the keys {missing_keys}.")
+    _check_state_schema(state, checkpoint / TRAINING_STATE_FILENAME)
     expected = _expected_files(state)
     foreign = sorted(present - expected)
     if foreign:
