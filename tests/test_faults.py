@@ -421,3 +421,26 @@ def test_a_tampered_training_state_is_refused(finished_run, tmp_path, edit):
     (checkpoint / "training_state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="is not a training state this loop wrote"):
         check_checkpoint(checkpoint)
+
+
+def test_weights_that_turn_non_finite_on_the_last_step_are_never_saved_as_a_pipeline(tmp_path):
+    output_dir = tmp_path / "run"
+    calls = []
+
+    def setup_whose_last_step_breaks_the_weights(config, accelerator):
+        setup = build_training_setup(config, accelerator)
+
+        def objective(model, *args):
+            calls.append(1)
+            loss = setup.objective(model, *args)  # finite: the loss check cannot see what comes next
+            if len(calls) == 3:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+            return loss
+
+        return replace(setup, objective=objective)
+
+    config = load_config([*ARGS, "--output_dir", str(output_dir), "--train.max_steps", "3"])
+    with pytest.raises(TrainingDivergedError, match=r"The weights \[.*\] became non-finite at optimizer step 3"):
+        train(config, build_setup=setup_whose_last_step_breaks_the_weights)
+    assert not (output_dir / "last").exists() and [p.name for p in list_checkpoints(output_dir)] == ["checkpoint-2"]

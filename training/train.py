@@ -182,7 +182,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                 # A checkpoint at the end of an epoch waits for the epoch's metrics row (and the one at the last
                 # step for the final evaluation), so that it holds them.
                 if every and state.step % every == 0 and state.step % steps_per_epoch and state.step < total_steps:
-                    state.epoch_time_s, started = state.epoch_time_s + time.perf_counter() - started, None
+                    state.epoch_time_s += time.perf_counter() - started
                     checkpoint()
                     started = time.perf_counter()
                 if state.step >= total_steps:
@@ -192,6 +192,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
             row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
             if (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps:
                 if accelerator.is_main_process:
+                    _check_finite_weights(unwrapped, state.step, output_dir)  # last/ and best/ are never NaN
                     pipeline = evaluation_pipeline(setup, eval_model, unwrapped, ema)
                     details = (
                         f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
@@ -283,9 +284,7 @@ def _resume(accelerator, checkpoint: Path, config: RunConfig, lr_scheduler, ema,
 
 def _checkpoint(accelerator, config, state: LoopState, model, lr_scheduler, ema, steps_per_epoch, callbacks) -> None:
     """Checkpoint the current step with the loop's counters and the run's config."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise _diverged(f"The weights {bad[:3]} became non-finite", state.step, config.output_dir)
+    _check_finite_weights(model, state.step, config.output_dir)
 
     def before_commit(step: int, folder: Path) -> None:
         for callback in callbacks:
@@ -308,6 +307,12 @@ def _checkpoint(accelerator, config, state: LoopState, model, lr_scheduler, ema,
         total_limit=config.checkpoint.checkpoints_total_limit,
         before_commit=before_commit,
     )
+
+
+def _check_finite_weights(model, step: int, output_dir) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise _diverged(f"The weights {bad[:3]} became non-finite", step, output_dir)
 
 
 def _diverged(what: str, step: int, output_dir) -> TrainingDivergedError:
