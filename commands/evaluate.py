@@ -11,7 +11,9 @@ and says it was skipped otherwise. The training loop computes the same metrics w
 
 import argparse
 import json
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from atomic_files import write_file_atomically, write_text_atomically
@@ -51,6 +53,10 @@ def _number(value, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _mean_std(mean, std, mean_format: str, std_format: str) -> str:
+    return "n/a" if mean is None else f"{mean:{mean_format}} ± {std:{std_format}}"
+
+
 def format_markdown(results: dict, title: str) -> str:
     """A small markdown report: the metrics with their sample counts and the settings that produced them."""
     n, n_ref = results["num_samples"], results["num_reference_samples"]
@@ -59,7 +65,7 @@ def format_markdown(results: dict, title: str) -> str:
         ("GAN-test accuracy", _number(results["gan_test_acc"], 4), f"{n} generated"),
         (
             "Inception Score (MNIST classifier, max 10)",
-            f"{results['inception_score']:.2f} ± {results['inception_score_std']:.2f}",
+            _mean_std(results["inception_score"], results["inception_score_std"], ".2f", ".2f"),
             f"{n} generated, 10 splits",
         ),
         (
@@ -74,7 +80,7 @@ def format_markdown(results: dict, title: str) -> str:
         ),
         (
             "KID (MNIST-classifier features)",
-            f"{results['kid_mean']:.4g} ± {results['kid_std']:.2g}",
+            _mean_std(results["kid_mean"], results["kid_std"], ".4g", ".2g"),
             f"{results['kid_subsets']} subsets of {results['kid_subset_size']}",
         ),
     ]
@@ -86,14 +92,18 @@ def format_markdown(results: dict, title: str) -> str:
                 f"{results['inception_fid_num_samples']} generated vs {results['inception_fid_num_reference_samples']} real test",
             )
         )
-    lines = [f"# Evaluation of `{title}`", "", "| metric | value | samples |", "|---|---|---|"]
+    lines = [f"# Evaluation of `{title}`", ""]
+    for problem in (results.get("not_computable"), results.get("small_sample_warning")):
+        if problem:
+            lines += [f"**Warning: {problem}.**", ""]
+    lines += ["| metric | value | samples |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {count} |" for name, value, count in rows]
     if results.get("inception_fid_skipped"):
         lines += ["", f"Inception FID skipped: {results['inception_fid_skipped']}"]
     per_class = " ".join(f"{label}: {accuracy:.3f}" for label, accuracy in results["gan_test_acc_per_class"].items())
     lines += [
         "",
-        f"GAN-test accuracy per class: {per_class}",
+        f"GAN-test accuracy per class: {per_class or 'n/a'}",
         "",
         f"Sampling: {results['scheduler']}, {results['num_inference_steps']} steps, guidance scale "
         f"{results['guidance_scale']}, seed {results['seed']}, {results['num_samples_per_class']} per class, "
@@ -103,6 +113,17 @@ def format_markdown(results: dict, title: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def summary_line(results: dict) -> str:
+    """One line of the headline numbers, each with the sample count it was computed on."""
+    n = results["num_samples"]
+    return (
+        f"FID-MNIST {_number(results['fid_mnist'], 2)} (N={n}) | GAN-test accuracy "
+        f"{_number(results['gan_test_acc'], 4)} (N={n}) | IS {_number(results['inception_score'], 2)} (N={n}) | "
+        f"precision {_number(results['precision'], 3)} | recall {_number(results['recall'], 3)} | "
+        f"KID {_number(results['kid_mean'], 4)} ({results['kid_subsets']} x {results['kid_subset_size']})"
+    )
 
 
 def main(argv: list | None = None) -> dict:
@@ -122,18 +143,26 @@ def main(argv: list | None = None) -> dict:
         f"{args.num_inference_steps} steps, guidance {args.guidance_scale} on {pipeline.device}"
     )
 
-    results, images, _ = evaluate_pipeline(
-        pipeline,
-        num_samples_per_class=args.num_samples_per_class,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=True,
-        return_samples=True,
-    )
+    with warnings.catch_warnings():
+        # Printed below as `warning:` lines, and written into the report.
+        warnings.filterwarnings("ignore", message=r"(only N = |.*no metric is computable)")
+        results, images, _ = evaluate_pipeline(
+            pipeline,
+            num_samples_per_class=args.num_samples_per_class,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=True,
+            return_samples=True,
+        )
     results.update(pipeline=args.pipeline, environment=environment_line())
-    if args.inception:
+    for problem in (results["not_computable"], results["small_sample_warning"]):
+        if problem:
+            print(f"warning: {problem}.", file=sys.stderr)
+    if args.inception and results["not_computable"]:
+        results["inception_fid_skipped"] = results["not_computable"]
+    elif args.inception:
         from evaluation.inception_fid import InceptionUnavailableError, inception_fid
 
         try:
@@ -162,11 +191,7 @@ def main(argv: list | None = None) -> dict:
     grid = image_grid(images[keep], cols=per_class)
     write_file_atomically(grid_path, lambda temporary: grid.save(temporary, format="PNG"))
 
-    print(
-        f"FID-MNIST {results['fid_mnist']:.2f} | GAN-test accuracy {results['gan_test_acc']:.4f} | "
-        f"IS {results['inception_score']:.2f} | precision {_number(results['precision'], 3)} | "
-        f"recall {_number(results['recall'], 3)} | KID {results['kid_mean']:.4g} (N = {results['num_samples']})"
-    )
+    print(summary_line(results))
     print(
         f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
         f"(sampling {seconds(results['sampling_time_s'])})"

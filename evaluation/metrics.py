@@ -47,6 +47,20 @@ INCEPTION_SCORE_SPLITS = 10
 METRIC_SEED = 0
 REFERENCE_SPLIT = "test"
 CACHE_ENV = "SCRATCH_DIFFUSION_CACHE"
+# Below this many generated samples FID and KID are strongly biased upward (the covariance is barely estimated):
+# such numbers are comparable only with others at the same N, so they come with a warning.
+MIN_RELIABLE_SAMPLES = 1000
+# The keys of `compute_metrics` that hold a measured value (None when it could not be computed).
+METRIC_KEYS = (
+    "fid_mnist",
+    "gan_test_acc",
+    "inception_score",
+    "inception_score_std",
+    "kid_mean",
+    "kid_std",
+    "precision",
+    "recall",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +205,12 @@ def _check_feature_sets(real_features: torch.Tensor, fake_features: torch.Tensor
             raise ValueError(f"{metric}: {name} features must be [N, D], got shape {tuple(features.shape)}.")
         if features.shape[0] < minimum:
             raise ValueError(f"{metric} needs at least {minimum} {name} samples, got {features.shape[0]}.")
+        # NaN reaching the matrix square root crashes inside LAPACK (a segfault, no traceback): refuse it here.
+        nonfinite = int((~torch.isfinite(features)).any(dim=1).sum())
+        if nonfinite:
+            raise ValueError(
+                f"{metric}: {nonfinite} of {features.shape[0]} {name} feature rows are not finite (NaN or inf)."
+            )
     if real_features.shape[1] != fake_features.shape[1]:
         raise ValueError(f"{metric}: feature widths differ ({real_features.shape[1]} vs {fake_features.shape[1]}).")
 
@@ -296,6 +316,41 @@ def improved_precision_recall(
     return precision, recall
 
 
+def small_sample_warning(num_samples: int) -> str | None:
+    """The warning that goes with metrics of fewer than `MIN_RELIABLE_SAMPLES` samples, else None."""
+    if num_samples >= MIN_RELIABLE_SAMPLES:
+        return None
+    return (
+        f"only N = {num_samples} generated samples: FID-MNIST and KID are biased upward below "
+        f"N = {MIN_RELIABLE_SAMPLES:,}; compare them only with numbers at the same N"
+    )
+
+
+def _common_results(num_samples: int, num_reference_samples: int) -> dict:
+    return {
+        "num_samples": num_samples,
+        "num_reference_samples": num_reference_samples,
+        "kid_subsets": KID_SUBSETS,
+        "kid_subset_size": min(KID_SUBSET_SIZE, num_reference_samples, num_samples),
+        "precision_recall_k": PRECISION_RECALL_K,
+        "small_sample_warning": small_sample_warning(num_samples),
+    }
+
+
+def not_computable_results(num_samples: int, num_nonfinite: int, num_reference_samples: int) -> dict:
+    """The results of a sample set holding non-finite images: every metric None, and why."""
+    return {
+        **dict.fromkeys(METRIC_KEYS),
+        **_common_results(num_samples, num_reference_samples),
+        "gan_test_acc_per_class": {},
+        "num_nonfinite_samples": num_nonfinite,
+        "not_computable": (
+            f"{num_nonfinite} of {num_samples} generated samples hold NaN or infinite pixels (a diverged model or "
+            "broken weights): no metric is computable"
+        ),
+    }
+
+
 def compute_metrics(
     features: torch.Tensor, logits: torch.Tensor, class_labels: torch.Tensor, reference: dict[str, torch.Tensor]
 ) -> dict:
@@ -303,6 +358,9 @@ def compute_metrics(
     if features.shape[0] < 2:
         raise ValueError(f"FID-MNIST needs at least 2 generated samples, got {features.shape[0]}.")
     real = reference["features"]
+    nonfinite = int((~torch.isfinite(features)).any(dim=1).sum())
+    if nonfinite:
+        return not_computable_results(int(features.shape[0]), nonfinite, int(real.shape[0]))
     kid_mean, kid_std = kernel_inception_distance(real, features)
     is_mean, is_std = inception_score(logits)
     class_labels = torch.as_tensor(class_labels).reshape(-1)
@@ -317,12 +375,10 @@ def compute_metrics(
         "inception_score_std": is_std,
         "kid_mean": kid_mean,
         "kid_std": kid_std,
-        "num_samples": int(features.shape[0]),
-        "num_reference_samples": int(real.shape[0]),
-        "kid_subsets": KID_SUBSETS,
-        "kid_subset_size": min(KID_SUBSET_SIZE, int(real.shape[0]), int(features.shape[0])),
-        "precision_recall_k": PRECISION_RECALL_K,
+        **_common_results(int(features.shape[0]), int(real.shape[0])),
         "gan_test_acc_per_class": per_class,
+        "num_nonfinite_samples": 0,
+        "not_computable": None,
     }
     if features.shape[0] > PRECISION_RECALL_K:
         results["precision"], results["recall"] = improved_precision_recall(real, features)
@@ -347,8 +403,13 @@ def evaluate_images(
         raise ValueError(
             f"Class labels {bad} out of range: the MNIST classifier knows 0..{classifier.num_classes - 1}."
         )
+    reference = reference_features(classifier)
+    # Detected before any metric: a NaN image would otherwise reach the FID matrix square root.
+    nonfinite = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum())
+    if nonfinite:
+        return not_computable_results(int(images.shape[0]), nonfinite, int(reference["features"].shape[0]))
     features, logits = classifier_outputs(to_classifier_input(images, value_range), classifier)
-    return compute_metrics(features, logits, class_labels, reference_features(classifier))
+    return compute_metrics(features, logits, class_labels, reference)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,6 +500,9 @@ def evaluate_pipeline(
     sampling_time = time.perf_counter() - started
     started = time.perf_counter()
     results = evaluate_images(images, labels, value_range=(0.0, 1.0), classifier=classifier)
+    for problem in (results["not_computable"], results["small_sample_warning"]):
+        if problem:
+            warnings.warn(f"{problem}.", UserWarning, stacklevel=2)
     results.update(
         num_samples_per_class=num_samples_per_class,
         num_inference_steps=num_inference_steps,

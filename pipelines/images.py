@@ -20,6 +20,8 @@ GIF_FINAL_FRAME_MS = 1500
 def image_grid(images: list[Image.Image] | torch.Tensor, cols: int) -> Image.Image:
     """PIL images (or `[N, C, H, W]` tensors in [0, 1]) as a grid of `cols` columns, one row per `cols` images."""
     if isinstance(images, torch.Tensor):
+        # A diverged model's NaN pixels show as black rather than as undefined uint8 casts.
+        images = torch.nan_to_num(images.float(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
         images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
     if cols < 1 or len(images) % cols:
         raise ValueError(f"{len(images)} images do not fill rows of {cols}; give a multiple of {cols}.")

@@ -220,8 +220,10 @@ def test_evaluate_writes_json_markdown_and_samples(pipeline_dir, tmp_path, monke
     assert "| FID-MNIST (lower is better) |" in markdown and "20 generated vs 10000 real test" in markdown
     assert "Inception FID skipped" in markdown
     assert Image.open(output / "samples.png").size == (2 * 8, 10 * 8)
-    printed = capsys.readouterr().out
-    assert "FID-MNIST" in printed and f"wrote {output / 'evaluation.json'}" in printed
+    assert "**Warning: only N = 20 generated samples" in markdown
+    printed = capsys.readouterr()
+    assert "FID-MNIST" in printed.out and "(N=20)" in printed.out and f"wrote {output / 'evaluation.json'}" in printed.out
+    assert "warning: only N = 20 generated samples: FID-MNIST and KID are biased upward" in printed.err
 
 
 def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):

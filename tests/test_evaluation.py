@@ -249,6 +249,43 @@ def test_evaluate_pipeline_reports_every_metric_with_its_sample_count():
         evaluate_pipeline(tiny_unet_pipeline(3), num_samples_per_class=2, num_inference_steps=1, guidance_scale=1.0)
 
 
+def test_nonfinite_samples_are_counted_and_leave_every_metric_not_computable(classifier):
+    images = torch.rand(6, 1, 28, 28)
+    images[1, 0, 3, 3] = float("nan")
+    images[4] = float("inf")
+    results = evaluate_images(images, torch.arange(6), classifier=classifier)
+    assert results["num_nonfinite_samples"] == 2 and results["num_samples"] == 6
+    assert "2 of 6 generated samples hold NaN or infinite pixels" in results["not_computable"]
+    assert all(results[key] is None for key in metrics.METRIC_KEYS)
+
+    # The metric functions themselves refuse non-finite features (LAPACK would crash on them).
+    real, fake = torch.randn(50, 4, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
+    fake[7, 2] = float("nan")
+    with pytest.raises(ValueError, match="1 of 50 generated feature rows are not finite"):
+        frechet_distance(real, fake)
+    with pytest.raises(ValueError, match="not finite"):
+        kernel_inception_distance(real, fake)
+
+    # A pipeline whose weights went NaN: reported with a warning, never a crash.
+    pipeline = tiny_unet_pipeline()
+    with torch.no_grad():
+        next(pipeline.unet.parameters()).fill_(float("nan"))
+    with pytest.warns(UserWarning, match="20 of 20 generated samples hold NaN"):
+        results = evaluate_pipeline(pipeline, num_samples_per_class=2, num_inference_steps=2, guidance_scale=2.0)
+    assert results["fid_mnist"] is None and results["num_nonfinite_samples"] == 20
+
+
+def test_metrics_below_a_thousand_samples_carry_a_warning_with_n():
+    assert metrics.small_sample_warning(metrics.MIN_RELIABLE_SAMPLES) is None
+    assert "only N = 999 generated samples" in metrics.small_sample_warning(999)
+    with pytest.warns(UserWarning, match="only N = 20 generated samples: FID-MNIST and KID are biased upward"):
+        results = evaluate_pipeline(
+            tiny_unet_pipeline(), num_samples_per_class=2, num_inference_steps=1, guidance_scale=1.0
+        )
+    assert results["small_sample_warning"].startswith("only N = 20") and results["not_computable"] is None
+    assert results["num_nonfinite_samples"] == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Optional Inception FID
 # --------------------------------------------------------------------------------------------------

