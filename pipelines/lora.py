@@ -10,6 +10,7 @@ trained for, so that loading it into another architecture fails with a clear err
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE, LoraBaseMixin
 from diffusers.utils import logging
 from huggingface_hub import hf_hub_download
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -25,6 +27,8 @@ logger = logging.get_logger(__name__)
 LoraSource = str | os.PathLike | dict[str, torch.Tensor]
 # Unprefixed key of the adapter metadata: diffusers' loaders pass on only the keys prefixed by the component name.
 DENOISER_CLASS_KEY = "denoiser_class"
+# Layers peft's LoRA can wrap: the candidates a `target_modules` list selects.
+LORA_WRAPPABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 
 
 def read_lora_file(source: LoraSource, weight_name: str | None = None, **hub_kwargs) -> tuple[dict, dict | None]:
@@ -93,6 +97,72 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
                 f"LoRA keys match no module of `{name}` ({getattr(self, name).__class__.__name__}): "
                 f"modules {missing[:5]} do not exist; first keys of the file: {sample}."
             )
+        non_finite = [k for k in keys if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
+        if non_finite:
+            raise ValueError(
+                f"{len(non_finite)} LoRA tensor(s) hold NaN or inf values (a diverged or corrupt adapter): "
+                f"{non_finite[:10]}."
+            )
+
+    def _check_lora_pairs(self, state_dict: dict, metadata: dict | None) -> None:
+        """Refuse an adapter unless every module its LoraConfig targets gets both `lora_A` and `lora_B` of the
+        configured rank: peft would load a file lacking them with a warning and change the images."""
+        name = self._lora_loadable_modules[0]
+        found: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            module, part = key[len(name) + 1 :].split(".lora_", 1)
+            found.setdefault(module, {})[part.split(".")[0]] = tensor
+        config = {k[len(name) + 1 :]: v for k, v in (metadata or {}).items() if k.startswith(f"{name}.")}
+        expected = self._targeted_modules(config) if config else set()
+        missing = []
+        for module in sorted(expected | set(found)):
+            parts = found.get(module, {})
+            pairs = [("embedding_A", "embedding_B")] if any(p.startswith("embedding") for p in parts) else [("A", "B")]
+            missing += [f"{name}.{module}.lora_{part}.weight" for pair in pairs for part in pair if part not in parts]
+        if missing:
+            raise ValueError(
+                f"The LoRA file lacks {len(missing)} tensor(s) of the modules it adapts (every targeted module needs "
+                f"both lora_A and lora_B): {missing[:10]}{' ...' if len(missing) > 10 else ''}. The file is "
+                "incomplete; save it again with `save_denoiser_lora`."
+            )
+        if not config:
+            return
+        wrong = []
+        for module, parts in sorted(found.items()):
+            rank = self._configured_rank(module, config)
+            down, up = (parts["A"], parts["B"]) if "A" in parts else (parts["embedding_A"], parts["embedding_B"])
+            if down.shape[0] != rank or up.shape[1] != rank:
+                wrong.append(f"{module}: lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)}, configured r={rank}")
+        if wrong:
+            raise ValueError(
+                f"LoRA tensors do not have the rank their LoraConfig metadata gives, in {len(wrong)} module(s): "
+                f"{wrong[:5]}."
+            )
+
+    @staticmethod
+    def _configured_rank(module: str, config: dict) -> int:
+        # peft's rule: a `rank_pattern` key matches a module name ending in it (as a regular expression).
+        for pattern, rank in (config.get("rank_pattern") or {}).items():
+            if re.match(rf"(.*\.)?(?:{pattern})$", module):
+                return int(rank)
+        return int(config["r"])
+
+    def _targeted_modules(self, config: dict) -> set[str]:
+        """Names of the denoiser's modules that the LoraConfig's `target_modules` selects (peft's matching rule)."""
+        targets = config.get("target_modules")
+        if not targets or config.get("exclude_modules") or config.get("layers_to_transform") is not None:
+            return set()  # selections beyond a plain target list: the file's own keys are the reference
+        denoiser = getattr(self, self._lora_loadable_modules[0])
+        selected = set()
+        for module_name, module in denoiser.named_modules():
+            if isinstance(module, BaseTunerLayer) or isinstance(module, LORA_WRAPPABLE):
+                if isinstance(targets, str):
+                    match = re.fullmatch(targets, module_name) is not None
+                else:
+                    match = any(module_name == t or module_name.endswith(f".{t}") for t in targets)
+                if match:
+                    selected.add(module_name)
+        return selected
 
     def load_lora_weights(
         self,
@@ -114,6 +184,7 @@ class DenoiserLoraLoaderMixin(LoraBaseMixin):
                 f"of this {self.__class__.__name__}); load it into a pipeline whose `{name}` is a {trained_for}."
             )
         self._check_lora_keys(state_dict)
+        self._check_lora_pairs(state_dict, metadata)
         if metadata is None:
             logger.warning(
                 f"The LoRA file carries no LoraConfig metadata: `lora_alpha` of `{name}` is taken equal to the rank."

@@ -130,3 +130,58 @@ def test_lora_file_for_another_network_is_refused(state_dict, message, tmp_path)
     with pytest.raises(ValueError, match=message):
         pipe.load_lora_weights(tmp_path)
     assert not getattr(pipe.transformer, "peft_config", None)
+
+
+def _saved_lora(kind, folder):
+    """A saved rank-4 adapter of a tiny `kind` pipeline: (state dict, header metadata, a fresh pipeline)."""
+    pipe = frozen_pipeline(kind, "ScratchDDIMScheduler")
+    add_random_lora(pipe.denoiser)
+    pipe.save_denoiser_lora(folder)
+    path = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    return load_file(path), header, frozen_pipeline(kind, "ScratchDDIMScheduler")
+
+
+def _refused(pipe, state_dict, header, folder, message):
+    save_file(state_dict, folder / "pytorch_lora_weights.safetensors", metadata=header)
+    with pytest.raises(ValueError, match=message) as error:
+        pipe.load_lora_weights(folder)
+    assert not getattr(pipe.denoiser, "peft_config", None)  # nothing was half-loaded
+    return str(error.value)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_incomplete_or_broken_lora_files_are_refused(kind, tmp_path):
+    state_dict, header, pipe = _saved_lora(kind, tmp_path)
+    b_keys = sorted(k for k in state_dict if ".lora_B." in k)
+
+    # Every lora_B dropped: peft would load the A halves with a warning only.
+    message = _refused(
+        pipe, {k: v for k, v in state_dict.items() if ".lora_B." not in k}, header, tmp_path, "lacks .* lora_B"
+    )
+    assert b_keys[0] in message
+
+    # One targeted module missing entirely: the LoraConfig says which modules the adapter must cover.
+    module = b_keys[-1].split(".lora_B.")[0]
+    partial = {k: v for k, v in state_dict.items() if not k.startswith(f"{module}.lora_")}
+    message = _refused(pipe, partial, header, tmp_path, "lacks 2 tensor")
+    assert f"{module}.lora_A.weight" in message and f"{module}.lora_B.weight" in message
+
+    # Tensors of another rank than the metadata's r.
+    config = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+    config[f"{pipe.denoiser_name}.r"] = 2
+    _refused(
+        pipe, state_dict, {**header, LORA_ADAPTER_METADATA_KEY: json.dumps(config)}, tmp_path, "configured r=2"
+    )
+
+    # NaN in an adapter tensor.
+    poisoned = dict(state_dict)
+    poisoned[b_keys[0]] = poisoned[b_keys[0]].clone().fill_(float("nan"))
+    message = _refused(pipe, poisoned, header, tmp_path, "hold NaN or inf")
+    assert b_keys[0] in message
+
+    # The intact file still loads.
+    save_file(state_dict, tmp_path / "pytorch_lora_weights.safetensors", metadata=header)
+    pipe.load_lora_weights(tmp_path)
+    assert len(pipe.denoiser.peft_config) == 1
