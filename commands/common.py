@@ -88,10 +88,32 @@ def build_scheduler(name: str, config):
     return scheduler_class.from_config(config)
 
 
+def scheduler_family(scheduler_class_name: str) -> str:
+    """'flow_matching' for flow-matching samplers (ours and diffusers' `FlowMatch*`), else 'diffusion'."""
+    return "flow_matching" if "FlowMatch" in scheduler_class_name else "diffusion"
+
+
 def set_scheduler(pipeline, name: str | None) -> None:
-    """Swap the pipeline's scheduler for class `name` (None keeps the saved one)."""
-    if name is not None:
-        pipeline.scheduler = build_scheduler(name, pipeline.scheduler.config)
+    """Swap the pipeline's scheduler for class `name` (None keeps the saved one).
+
+    The same pairing rule as the training config: a flow-matching model needs a flow-matching sampler and a
+    diffusion (DDPM-family) model a diffusion one; the saved scheduler tells which the model was trained for.
+    """
+    if name is None:
+        return
+    scheduler = build_scheduler(name, pipeline.scheduler.config)
+    saved = type(pipeline.scheduler).__name__
+    trained_for, wanted = scheduler_family(saved), scheduler_family(type(scheduler).__name__)
+    if trained_for != wanted:
+        fits = sorted(
+            n for n in [*our_scheduler_classes(), *diffusers_scheduler_names()] if scheduler_family(n) == trained_for
+        )
+        raise ValueError(
+            f"--scheduler {name} is a {wanted.replace('_', '-')} sampler, but this pipeline's model was trained "
+            f"for {trained_for.replace('_', '-')} (its saved scheduler is {saved}); its images would be "
+            f"meaningless. Use one of: {', '.join(fits[:12])}{' ...' if len(fits) > 12 else ''}."
+        )
+    pipeline.scheduler = scheduler
 
 
 def parse_class_labels(text: str | None) -> list | None:

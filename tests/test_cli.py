@@ -129,6 +129,27 @@ def test_sample_refuses_bad_inputs(pipeline_dir, tmp_path):
         _sample(pipeline_dir, tmp_path / "g.png", "--lora", str(tmp_path / "no_lora.safetensors"))
 
 
+def test_a_scheduler_of_the_other_objective_family_is_refused(pipeline_dir, tmp_path):
+    from commands.common import set_scheduler
+    from custom_schedulers import ScratchFlowMatchEulerScheduler
+
+    for name in ("ScratchFlowMatchEulerScheduler", "FlowMatchEulerDiscreteScheduler"):
+        with pytest.raises(
+            ValueError, match=rf"--scheduler {name} is a flow-matching sampler, but .* trained for diffusion"
+        ):
+            _sample(pipeline_dir, tmp_path / "g.png", "--scheduler", name)
+    assert not (tmp_path / "g.png").exists()
+
+    flow = ClassConditionalUNetPipeline.from_pretrained(pipeline_dir)
+    flow.scheduler = ScratchFlowMatchEulerScheduler()
+    with pytest.raises(
+        ValueError, match=r"is a diffusion sampler, .* trained for flow-matching.*Use one of: .*FlowMatch"
+    ):
+        set_scheduler(flow, "DDIMScheduler")
+    set_scheduler(flow, "FlowMatchEulerDiscreteScheduler")  # same family: swapped
+    assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)
@@ -222,7 +243,9 @@ def test_evaluate_writes_json_markdown_and_samples(pipeline_dir, tmp_path, monke
     assert Image.open(output / "samples.png").size == (2 * 8, 10 * 8)
     assert "**Warning: only N = 20 generated samples" in markdown
     printed = capsys.readouterr()
-    assert "FID-MNIST" in printed.out and "(N=20)" in printed.out and f"wrote {output / 'evaluation.json'}" in printed.out
+    assert (
+        "FID-MNIST" in printed.out and "(N=20)" in printed.out and f"wrote {output / 'evaluation.json'}" in printed.out
+    )
     assert "warning: only N = 20 generated samples: FID-MNIST and KID are biased upward" in printed.err
 
 
