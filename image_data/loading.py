@@ -1,6 +1,7 @@
 """Labeled image datasets for training and evaluation (shipped MNIST, Hub id or local folder) as tensors in [-1, 1]."""
 
 import io
+import warnings
 from pathlib import Path
 
 import datasets
@@ -13,6 +14,7 @@ SHIPPED_MNIST_DIR = Path(__file__).resolve().parent / "mnist"
 SHIPPED_MNIST_FILES = ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet")
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
+UNREADABLE_IMAGE_CHOICES = ("stop", "skip")
 
 
 def shipped_mnist_dir() -> Path:
@@ -79,8 +81,37 @@ def load_hf_dataset(
         return _select_split(loaded, split, f"Hub dataset '{dataset_name}'")
     if (local_dir / "dataset_dict.json").is_file() or (local_dir / "state.json").is_file():
         return _select_split(datasets.load_from_disk(str(local_dir)), split, f"saved dataset {local_dir}")
-    loaded = datasets.load_dataset(str(local_dir), dataset_config_name, cache_dir=cache_dir)
+    try:
+        loaded = datasets.load_dataset(str(local_dir), dataset_config_name, cache_dir=cache_dir)
+    except Exception as error:  # datasets wraps reader errors in its own types; name the folder and the files
+        if not any(path.is_file() for path in local_dir.rglob("*")):
+            raise ValueError(
+                f"The dataset folder {local_dir} is empty: put one subfolder of images per class in it, or "
+                "parquet / arrow / csv files."
+            ) from None
+        unreadable = _unreadable_table_files(local_dir)
+        which = f" Unreadable files: {unreadable[:5]}." if unreadable else ""
+        raise ValueError(f"The local dataset {local_dir} cannot be read: {_root_cause(error)}.{which}") from error
     return _select_split(loaded, split, f"local dataset {local_dir}")
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {str(error).rstrip('.')}"
+
+
+def _unreadable_table_files(folder: Path) -> list[str]:
+    """The parquet files under `folder` whose footer and schema cannot be read."""
+    import pyarrow.parquet
+
+    unreadable = []
+    for path in sorted(folder.rglob("*.parquet")):
+        try:
+            pyarrow.parquet.ParquetFile(path).schema_arrow
+        except Exception:  # any reader failure means the file is damaged
+            unreadable.append(str(path))
+    return unreadable
 
 
 def _find_column(dataset: datasets.Dataset, column: str | None, candidates, feature_type, what: str) -> str:
@@ -199,6 +230,28 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         self.num_classes = len(names)
         self.id2label = dict(enumerate(names))
 
+    def unreadable_rows(self) -> list[tuple[int, str, str]]:
+        """(row, file path or '', why) of every image that does not decode: found before training, not mid-epoch."""
+        column = self.hf_dataset.with_format("arrow")
+        bad = []
+        for start in range(0, len(column), 4096):
+            cells = column[start : start + 4096][self.image_column].to_pylist()
+            for offset, cell in enumerate(cells):
+                cell = cell or {}
+                source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+                try:
+                    if source is None:
+                        raise ValueError("the row holds no image")
+                    with Image.open(source) as image:
+                        image.load()  # decodes every pixel: a truncated file fails here, not in an epoch
+                except Exception as error:  # PIL raises many types for damaged files
+                    bad.append((start + offset, cell.get("path") or "", f"{type(error).__name__}: {error}"))
+        return bad
+
+    def drop_rows(self, rows) -> None:
+        rows = set(rows)
+        self.hf_dataset = self.hf_dataset.select([index for index in range(len(self.hf_dataset)) if index not in rows])
+
     def __len__(self) -> int:
         return len(self.hf_dataset)
 
@@ -223,14 +276,34 @@ def load_image_dataset(
     random_flip: bool = False,
     dataset_config_name: str | None = None,
     cache_dir: str | None = None,
+    unreadable_images: str = "stop",
 ) -> LabeledImageDataset:
     """Labeled images as tensors in [-1, 1]; the shipped MNIST by default (`pad_to=32` gives 32x32 digits).
 
     `random_flip` mirrors images left-right with probability 1/2: leave it off for digits and text.
+    Every image of another dataset is decoded once up front; one that does not decode is an error naming its row
+    and file (`unreadable_images="stop"`) or is left out with a warning (`"skip"`).
     """
+    if unreadable_images not in UNREADABLE_IMAGE_CHOICES:
+        raise ValueError(
+            f"unreadable_images must be one of {list(UNREADABLE_IMAGE_CHOICES)}, got {unreadable_images!r}."
+        )
     transform = ImageTransform(resolution=resolution, pad_to=pad_to, channels=channels, random_flip=random_flip)
     hf_dataset = load_hf_dataset(dataset_name, split, dataset_config_name=dataset_config_name, cache_dir=cache_dir)
-    return LabeledImageDataset(hf_dataset, transform, image_column=image_column, label_column=label_column)
+    dataset = LabeledImageDataset(hf_dataset, transform, image_column=image_column, label_column=label_column)
+    if dataset_name is None:
+        return dataset  # the shipped MNIST is checked against its sha256 when built
+    bad = dataset.unreadable_rows()
+    if bad:
+        listed = "; ".join(f"row {row}" + (f" ({path})" if path else "") + f": {why}" for row, path, why in bad[:5])
+        summary = f"{len(bad)} of {len(dataset)} images of {dataset_name!r} (split {split!r}) cannot be read: {listed}"
+        if unreadable_images == "stop":
+            raise ValueError(f"{summary}. Fix or remove them, or set data.unreadable_images: skip to leave them out.")
+        warnings.warn(f"{summary}; left out (data.unreadable_images: skip).", UserWarning, stacklevel=2)
+        dataset.drop_rows(row for row, _, _ in bad)
+        if len(dataset) == 0:
+            raise ValueError(f"No readable image is left in {dataset_name!r} (split {split!r}).")
+    return dataset
 
 
 def load_mnist_arrays(split: str = "test") -> tuple:

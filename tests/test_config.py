@@ -150,6 +150,11 @@ def test_defaults_run_without_a_recipe():
         (["--train.batch_size"], r"Missing value after '--train.batch_size'"),
         (["train.batch_size", "4"], r"Expected '--key value' arguments"),
         (["--train", "4"], r"train must be a mapping of keys, got 4"),
+        (["--train.seed", "-1"], r"train.seed must be >= 0, got -1"),
+        (["--eval.seed", str(2**32)], r"eval.seed must be <= 4294967295"),
+        (["--train.batch_size", "[8"], r"The value '\[8' of --train.batch_size is not valid YAML at line 1, column 3"),
+        (["--model.overrides", "{a: 1, a: 2}"], r"--model.overrides: Duplicate key 'a'"),
+        (["--data.unreadable_images", "ignore"], r"data.unreadable_images must be one of \['stop', 'skip'\]"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(argv, message):
@@ -164,6 +169,16 @@ def test_recipe_with_unknown_section_key_is_refused(tmp_path):
         load_config(["--config", str(recipe)])
     recipe.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(["--config", str(recipe)])
+
+
+def test_duplicate_keys_and_malformed_yaml_in_a_recipe_are_refused_with_the_line(tmp_path):
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("train:\n  batch_size: 8\n  seed: 1\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml': Duplicate key 'batch_size' at line 4 \(first at line 2\)"):
+        load_config(["--config", str(recipe)])
+    recipe.write_text("train: [\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml' is not valid YAML at line 3, column 1: expected ',' or ']'"):
         load_config(["--config", str(recipe)])
 
 

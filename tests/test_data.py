@@ -4,6 +4,7 @@ import builtins
 import functools
 import hashlib
 import importlib.util
+import io
 import os
 import pickle
 import re
@@ -352,3 +353,50 @@ def test_pad_to_smaller_than_the_image_is_an_error():
     dataset = load_image_dataset(split="test", pad_to=20)
     with pytest.raises(ValueError, match=r"pad_to \(20\) is smaller than the image \(28x28\)"):
         dataset[0]
+
+
+def _digit_folder(folder, per_class=3):
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for index in range(per_class):
+            Image.fromarray(np.full((8, 8), 40 * index, dtype=np.uint8)).save(folder / label / f"{index}.png")
+    return folder
+
+
+def test_an_unreadable_image_is_named_before_training_or_skipped_when_asked(tmp_path):
+    folder = _digit_folder(tmp_path / "images")
+    (folder / "b" / "1.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(
+        ValueError, match=r"1 of 6 images .* cannot be read: row 4 \(.*b/1.png\).*unreadable_images: skip"
+    ):
+        load_image_dataset(str(folder))
+    with pytest.warns(UserWarning, match=r"1 of 6 images .* left out"):
+        dataset = load_image_dataset(str(folder), unreadable_images="skip")
+    assert len(dataset) == 5 and all(dataset[i]["pixel_values"].shape == (1, 8, 8) for i in range(5))
+    with pytest.raises(ValueError, match=r"unreadable_images must be one of \['stop', 'skip'\]"):
+        load_image_dataset(str(folder), unreadable_images="ignore")
+
+
+def test_a_bad_image_inside_a_parquet_file_is_named_by_its_row(tmp_path):
+    good = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(good, format="PNG")
+    rows = [{"bytes": good.getvalue(), "path": None}] * 3
+    rows[2] = {"bytes": good.getvalue()[:30], "path": None}  # truncated PNG
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict(
+        {"image": rows, "label": [0, 1, 1]},
+        features=datasets.Features(image=datasets.Image(), label=datasets.Value("int64")),
+    ).to_parquet(str(tmp_path / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(ValueError, match=r"1 of 3 images .* cannot be read: row 2: "):
+        load_image_dataset(str(tmp_path / "data"))
+
+
+def test_a_truncated_parquet_file_and_an_empty_folder_are_named(tmp_path):
+    (tmp_path / "data").mkdir()
+    whole = (REPO_ROOT / "image_data" / "mnist" / "test-00000-of-00001.parquet").read_bytes()
+    (tmp_path / "data" / "train.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cannot be read: .*Unreadable files: \[.*train.parquet'\]"):
+        load_image_dataset(str(tmp_path / "data"))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"The dataset folder .*empty is empty: put one subfolder of images per class"):
+        load_image_dataset(str(tmp_path / "empty"))

@@ -54,9 +54,34 @@ ConfigLoader.yaml_implicit_resolvers = {
 ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def parse_yaml(text) -> Any:
-    """A YAML document (string or file) as Python values, with YAML 1.2 booleans."""
-    return yaml.load(text, Loader=ConfigLoader)
+def _mapping_without_duplicates(loader: ConfigLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # PyYAML keeps the last of two equal keys without a word: a recipe would train with one of two values.
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"Duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line {seen[key]}); "
+                "give each key once."
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_yaml(text, source: str = "the YAML text") -> Any:
+    """A YAML document (string or file) as Python values, with YAML 1.2 booleans; duplicate keys are refused."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{source} is not valid YAML{line}: {problem}.") from None
 
 
 def choice(default, choices, doc=""):
@@ -181,6 +206,9 @@ class DataConfig:
         None, 1, doc="use only the first N training images (tests, quick experiments); null uses them all"
     )
     num_workers: int = bounded(0, 0, doc="DataLoader worker processes; 0 loads in the training process")
+    unreadable_images: str = choice(
+        "stop", ("stop", "skip"), doc="an image that does not decode: stop (an error naming it) or skip (a warning)"
+    )
 
 
 @dataclass
@@ -215,7 +243,7 @@ class TrainConfig:
     max_steps: int | None = bounded(
         None, 1, doc="stop after this many optimizer steps even if epochs remain; null trains all epochs"
     )
-    seed: int = described(0, doc="seed of the initial weights, the data order, the noise and the label dropout")
+    seed: int = bounded(0, 0, 2**32 - 1, doc="seed of the initial weights, the data order, the noise and the label dropout")
     mixed_precision: str = choice(
         "auto",
         MIXED_PRECISIONS,
@@ -259,7 +287,7 @@ class EvalConfig:
     num_inference_steps: int = bounded(50, 1, doc="sampling steps")
     guidance_scale: float = bounded(2.0, 0.0, doc="classifier-free guidance scale; 1 is a single conditional pass")
     images_per_class: int = bounded(8, 1, doc="samples per class in the grid (one row per class)")
-    seed: int = described(0, doc="seed of the sampling noise (the same at every evaluation)")
+    seed: int = bounded(0, 0, 2**32 - 1, doc="seed of the sampling noise (the same at every evaluation)")
     gif: bool = described(True, doc="also write a GIF of the denoising")
     fid_n: int = bounded(
         0,
@@ -435,7 +463,7 @@ def parse_overrides(argv: list[str]) -> tuple[str | None, dict]:
         if key == "config":
             config_path = raw
         else:
-            _set_dotted(overrides, key, parse_yaml(raw))
+            _set_dotted(overrides, key, parse_yaml(raw, f"The value {raw!r} of --{key}"))
     return config_path, overrides
 
 
@@ -456,7 +484,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
         available = sorted(str(p.relative_to(RECIPES_DIR.parent)) for p in RECIPES_DIR.glob("*.yaml"))
         raise ConfigError(f"Recipe file '{path}' not found; available recipes: {available}.")
     with open(path) as file:
-        data = parse_yaml(file) or {}
+        data = parse_yaml(file, f"Recipe '{path}'") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"Recipe '{path}' must hold a mapping of sections, got {type(data).__name__}.")
     return data

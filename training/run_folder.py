@@ -215,7 +215,7 @@ def _claim_on_main_process(config: RunConfig, lock: RunLock, say) -> Path | None
 def _same_run(output_dir: Path, config: RunConfig) -> bool:
     """Whether `output_dir/config.yaml` is this run's config (up to the settings a resume may change)."""
     try:
-        saved = parse_yaml((output_dir / "config.yaml").read_text())
+        saved = parse_yaml((output_dir / "config.yaml").read_text(), str(output_dir / "config.yaml"))
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and not changed_settings(saved, to_dict(config))

@@ -88,6 +88,7 @@ def load_datasets(data_config):
         resolution=data_config.resolution,
         pad_to=data_config.pad_to,
         channels=data_config.channels,
+        unreadable_images=data_config.unreadable_images,
     )
     train_dataset = load_image_dataset(split=data_config.train_split, random_flip=data_config.random_flip, **kwargs)
     num_validation = data_config.num_validation_samples

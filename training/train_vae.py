@@ -45,7 +45,7 @@ class VAETrainingConfig:
     num_epochs: int = bounded(2, 1)
     max_steps: int | None = bounded(None, 1)
     kl_weight: float = bounded(1e-6, 0.0)
-    seed: int = 0
+    seed: int = bounded(0, 0, 2**32 - 1)
     # Training images whose latents measure the scaling factor.
     scaling_samples: int = bounded(2048, 2)
 
@@ -123,6 +123,7 @@ def train_vae(config: VAEConfig) -> Path:
         resolution=config.data.resolution,
         pad_to=config.data.pad_to,
         channels=config.data.channels,
+        unreadable_images=config.data.unreadable_images,
     )
     dataset = load_image_dataset(split=config.data.train_split, **load_kwargs)
     if config.data.max_train_samples is not None:
