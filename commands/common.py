@@ -14,8 +14,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(name: str | None) -> str:
+    """`name` (None: the default) as a device this machine has; otherwise a ValueError saying what it has."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"--device {name}: this machine has no usable CUDA GPU (torch {torch.__version__}); use --device cpu."
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: only cpu, cuda and mps are supported.")
+    return name
+
+
 def load_pipeline(name_or_path: str, device: str | None = None):
     """A saved pipeline folder or Hub repo id -> our class-conditional pipeline on `device`, progress bars off."""
+    device = check_device(device)
     path = Path(name_or_path)
     is_folder = path.exists()
     if is_folder:
@@ -48,7 +72,7 @@ def load_pipeline(name_or_path: str, device: str | None = None):
             f"{name_or_path} holds a {type(pipeline).__name__}, not one of this project's class-conditional pipelines."
         )
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device or default_device())
+    return pipeline.to(device)
 
 
 def our_scheduler_classes() -> dict:

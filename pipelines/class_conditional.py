@@ -7,6 +7,7 @@ with the diffusers contract works (ours or diffusers' DDPM / DDIM / FlowMatchEul
 """
 
 import inspect
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -143,8 +144,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def _check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (1.0 = no guidance), got {guidance_scale}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"`guidance_scale` must be a number (1.0 = no guidance), got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (1.0 = no guidance), got {guidance_scale}.")
         if not self.denoiser.config.num_classes and guidance_scale != 1.0:
             raise ValueError(
                 f"Classifier-free guidance needs a class-conditional denoiser; this one is unconditional, so "
@@ -245,6 +248,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
         labels = self._resolve_class_labels(class_labels, num_images_per_label, device)
         batch_size = num_images_per_label if labels is None else labels.shape[0]
         shape = self._latent_shape(batch_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
+                "(or a single generator for the whole batch)."
+            )
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
         elif tuple(latents.shape) != shape:

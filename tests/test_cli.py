@@ -150,6 +150,26 @@ def test_a_scheduler_of_the_other_objective_family_is_refused(pipeline_dir, tmp_
     assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", r"--device 'tpu' is not a device name; use cpu, cuda, cuda:N or mps"),
+        ("cuda:x", r"--device 'cuda:x' is not a device name"),
+        ("cpu:", r"is not a device name"),
+        ("meta", r"--device meta: only cpu, cuda and mps are supported"),
+    ],
+)
+def test_a_bad_device_is_refused_before_loading(pipeline_dir, tmp_path, device, message):
+    with pytest.raises(ValueError, match=message):
+        _sample(pipeline_dir, tmp_path / "g.png", "--device", device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_says_to_use_cpu(pipeline_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"--device cuda: this machine has no usable CUDA GPU .*use --device cpu"):
+        evaluate.main([str(pipeline_dir), "--device", "cuda", "--output_dir", str(tmp_path)])
+
+
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)

@@ -250,6 +250,10 @@ def test_import_registers_on_diffusers_without_shadowing():
         (dict(latents=torch.randn(2, 1, 4, 4)), r"latents.*\(2, 1, 4, 4\).*\(2, 1, 8, 8\)"),
         (dict(output_type="jpg"), "Unknown `output_type` 'jpg'"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(guidance_scale=float("nan")), r"`guidance_scale` must be a finite number >= 0 .* got nan"),
+        (dict(guidance_scale=float("inf")), r"`guidance_scale` must be a finite number >= 0 .* got inf"),
+        (dict(guidance_scale="2"), r"`guidance_scale` must be a number .* got '2'"),
+        (dict(generator=[torch.Generator()] * 3), r"list of 3 generators for 2 images; pass one generator per image"),
         (
             dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"]),
             r"\['noise'\] not available",
