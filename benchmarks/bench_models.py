@@ -482,4 +482,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from commands import run
+
+    run(main)

@@ -215,4 +215,6 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from commands import run
+
+    run(main)

@@ -1,5 +1,6 @@
 """The command lines: `python -m commands.sample`, `commands.evaluate`, `commands.compare` (and `training.train`,
-`training.train_lora`, `training.train_vae`, `evaluation.train_mnist_classifier`) all run through `run`.
+`training.train_lora`, `training.train_vae`, `evaluation.train_mnist_classifier` and the `benchmarks/` scripts) all run
+through `run`.
 
 A user's mistake (a bad argument, a missing file, a config that cannot train) is raised as a `ValueError`
 (`ConfigError` is one) or a `FileNotFoundError` with a message that says what to do; `run` prints it as one

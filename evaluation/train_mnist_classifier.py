@@ -112,4 +112,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from commands import run
+
+    run(main)

@@ -147,7 +147,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
             raise ValueError(f"`guidance_scale` must be a number (1.0 = no guidance), got {guidance_scale!r}.")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0 (1.0 = no guidance), got {guidance_scale}.")
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (1.0 = no guidance), got {guidance_scale}."
+            )
         if not self.denoiser.config.num_classes and guidance_scale != 1.0:
             raise ValueError(
                 f"Classifier-free guidance needs a class-conditional denoiser; this one is unconditional, so "

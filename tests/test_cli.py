@@ -170,6 +170,33 @@ def test_cuda_on_a_machine_without_it_says_to_use_cpu(pipeline_dir, tmp_path):
         evaluate.main([str(pipeline_dir), "--device", "cuda", "--output_dir", str(tmp_path)])
 
 
+@pytest.mark.parametrize(
+    "command, arguments, message",
+    [
+        (["-m", "training.train"], ["--train.batch_size", "0"], "error: train.batch_size must be >= 1, got 0."),
+        (["-m", "training.train"], ["--train.seed", "-3"], "error: train.seed must be >= 0, got -3."),
+        (["-m", "training.train_lora"], ["--lora.rank", "0"], "error: lora.rank must be >= 1, got 0."),
+        (["-m", "training.train_vae"], ["--train.batch_size", "0"], "error: train.batch_size must be >= 1, got 0."),
+        (["-m", "commands.evaluate"], ["MISSING"], "error: Pipeline folder not found: MISSING"),
+        (["-m", "commands.compare"], ["MISSING"], "error: "),
+        (["-m", "training.sample"], ["MISSING"], "error: Pipeline folder not found: MISSING"),
+        (["-m", "evaluation.train_mnist_classifier"], ["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+        (["benchmarks/evaluate_runs.py"], ["MISSING"], "error: "),
+    ],
+)
+def test_every_entry_point_turns_a_user_mistake_into_one_error_line_and_exit_2(tmp_path, command, arguments, message):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    arguments = [str(tmp_path / "missing") if a == "MISSING" else a for a in arguments]
+    completed = subprocess.run(
+        [sys.executable, *command, *arguments], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert message.replace("MISSING", str(tmp_path / "missing")) in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert len([line for line in completed.stderr.splitlines() if "error:" in line]) == 1
+
+
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)

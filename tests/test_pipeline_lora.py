@@ -171,9 +171,7 @@ def test_incomplete_or_broken_lora_files_are_refused(kind, tmp_path):
     # Tensors of another rank than the metadata's r.
     config = json.loads(header[LORA_ADAPTER_METADATA_KEY])
     config[f"{pipe.denoiser_name}.r"] = 2
-    _refused(
-        pipe, state_dict, {**header, LORA_ADAPTER_METADATA_KEY: json.dumps(config)}, tmp_path, "configured r=2"
-    )
+    _refused(pipe, state_dict, {**header, LORA_ADAPTER_METADATA_KEY: json.dumps(config)}, tmp_path, "configured r=2")
 
     # NaN in an adapter tensor.
     poisoned = dict(state_dict)

@@ -243,7 +243,9 @@ class TrainConfig:
     max_steps: int | None = bounded(
         None, 1, doc="stop after this many optimizer steps even if epochs remain; null trains all epochs"
     )
-    seed: int = bounded(0, 0, 2**32 - 1, doc="seed of the initial weights, the data order, the noise and the label dropout")
+    seed: int = bounded(
+        0, 0, 2**32 - 1, doc="seed of the initial weights, the data order, the noise and the label dropout"
+    )
     mixed_precision: str = choice(
         "auto",
         MIXED_PRECISIONS,
