@@ -59,7 +59,12 @@ def load_pipeline(name_or_path: str, device: str | None = None):
     import pipelines  # noqa: F401  (registers our pipeline classes and components on diffusers)
 
     if is_folder:
-        pipeline = DiffusionPipeline.from_pretrained(str(path))
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(path))
+        except OSError as error:  # diffusers' word for unreadable JSON, truncated weights, missing folders
+            raise ValueError(
+                f"The pipeline folder {path} is damaged or incomplete: {_missing_parts(path) or error}"
+            ) from error
     else:
         try:
             pipeline = DiffusionPipeline.from_pretrained(name_or_path)
@@ -73,6 +78,19 @@ def load_pipeline(name_or_path: str, device: str | None = None):
         )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+def _missing_parts(path: Path) -> str | None:
+    """Which component folders `model_index.json` names but the folder lacks, if that is what is wrong."""
+    import json
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    components = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)]
+    missing = [name for name in components if index[name][0] is not None and not (path / name).is_dir()]
+    return f"model_index.json names components {missing} that have no folder." if missing else None
 
 
 def our_scheduler_classes() -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,29 @@ def test_a_scheduler_of_the_other_objective_family_is_refused(pipeline_dir, tmp_
         set_scheduler(flow, "DDIMScheduler")
     set_scheduler(flow, "FlowMatchEulerDiscreteScheduler")  # same family: swapped
     assert type(flow.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "model_index.json").write_text("{bad"), r"model_index.json' is not a valid JSON"),
+        (lambda folder: shutil.rmtree(folder / "unet"), r"model_index.json names components \['unet'\] that have no"),
+        (
+            lambda folder: (folder / "scheduler" / "scheduler_config.json").write_text("{bad"),
+            r"scheduler_config.json' is not a valid JSON",
+        ),
+        (
+            lambda folder: (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64),
+            r"diffusion_pytorch_model.safetensors",
+        ),
+    ],
+)
+def test_a_damaged_pipeline_folder_is_named_without_a_traceback(pipeline_dir, tmp_path, damage, message):
+    folder = tmp_path / "damaged"
+    shutil.copytree(pipeline_dir, folder)
+    damage(folder)
+    with pytest.raises(ValueError, match=rf"The pipeline folder .*damaged is damaged or incomplete: .*{message}"):
+        _sample(folder, tmp_path / "g.png")
 
 
 @pytest.mark.parametrize(
