@@ -79,12 +79,11 @@ def make_betas(
 def _check_betas(betas: torch.Tensor, zero_terminal_snr: bool) -> None:
     """Refuse a schedule that cannot be a diffusion: every beta in (0, 1), so that abar_t is positive and falls
     with t. Only the zero-SNR rescale may end on beta = 1 (abar = 0: pure noise at the last timestep)."""
-    inner = betas[:-1] if zero_terminal_snr else betas
-    bad = ~((inner > 0) & (inner < 1))
-    if zero_terminal_snr and not 0 < float(betas[-1]) <= 1:
-        bad = torch.cat([bad, torch.tensor([True])])
-    if bool(bad.any()) or not bool(torch.isfinite(betas).all()):
-        index = int(bad.nonzero()[0]) if bool(bad.any()) else int((~torch.isfinite(betas)).nonzero()[0])
+    valid = (betas > 0) & (betas < 1)  # NaN fails every comparison, so it is caught here too
+    if zero_terminal_snr:
+        valid[-1] = (betas[-1] > 0) & (betas[-1] <= 1)
+    if not bool(valid.all()):
+        index = int((~valid).nonzero()[0])
         raise ValueError(
             f"beta at timestep {index} is {float(betas[index])!r}; every beta must lie strictly between 0 and 1 "
             "(check beta_start, beta_end and trained_betas)."
