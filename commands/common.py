@@ -145,7 +145,9 @@ def set_scheduler(pipeline, name: str | None) -> None:
         return
     scheduler = build_scheduler(name, pipeline.scheduler.config)
     saved = type(pipeline.scheduler).__name__
-    trained_for, wanted = scheduler_family(saved), scheduler_family(type(scheduler).__name__)
+    # Pipelines record their objective; folders saved before they did are judged by their scheduler.
+    trained_for = pipeline.config.get("objective") or scheduler_family(saved)
+    wanted = scheduler_family(type(scheduler).__name__)
     if trained_for != wanted:
         fits = sorted(
             n for n in [*our_scheduler_classes(), *diffusers_scheduler_names()] if scheduler_family(n) == trained_for

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from atomic_files import write_text_atomically
 from pipelines.images import image_grid
+from training.config import upgrade_saved_config
 
 from . import run
 from .common import environment_line, load_pipeline, seconds
@@ -77,7 +78,7 @@ def read_run(folder: str) -> dict:
     ]
     if missing:
         raise ValueError(f"{folder} is not a training run folder: missing {', '.join(missing)}.")
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = upgrade_saved_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
     rows = read_metrics(path / "metrics.csv")
     if not rows:
         raise ValueError(f"{path / 'metrics.csv'} has no rows: the run finished no epoch.")

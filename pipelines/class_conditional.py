@@ -31,6 +31,9 @@ from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import SAMPLE_GRID_FILENAME, build_model_card
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What the denoiser was trained for, recorded in `model_index.json`: the vocabulary of the training config.
+OBJECTIVES = ("diffusion", "flow_matching")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 
@@ -54,8 +57,20 @@ class ClassConditionalPipeline(DiffusionPipeline):
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
 
-    def _setup(self, denoiser, scheduler, vae, id2label):
+    def _setup(self, denoiser, scheduler, vae, id2label, objective, prediction_type):
         self.register_modules(**{self.denoiser_name: denoiser}, scheduler=scheduler, vae=vae)
+        if objective not in (None, *OBJECTIVES):
+            raise ValueError(f"`objective` must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
+        if objective == "diffusion" and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"A diffusion objective needs its `prediction_type`, one of {list(PREDICTION_TYPES)}; got {prediction_type!r}."
+            )
+        if objective != "diffusion" and prediction_type is not None:
+            raise ValueError(
+                f"`prediction_type` belongs to the diffusion objective; got it with objective={objective!r}."
+            )
+        # Recorded so that model cards, LoRA training and scheduler swaps need not guess it from the scheduler.
+        self.register_to_config(objective=objective, prediction_type=prediction_type)
         self.image_processor = VaeImageProcessor(do_normalize=True)
         num_classes = denoiser.config.num_classes
         if id2label:
@@ -394,9 +409,11 @@ class ClassConditionalUNetPipeline(UNetLoraLoaderMixin, ClassConditionalPipeline
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         id2label: dict[str, str] | None = None,
+        objective: str | None = None,
+        prediction_type: str | None = None,
     ):
         super().__init__()
-        self._setup(unet, scheduler, vae, id2label)
+        self._setup(unet, scheduler, vae, id2label, objective, prediction_type)
 
 
 class ClassConditionalTransformerPipeline(TransformerLoraLoaderMixin, ClassConditionalPipeline):
@@ -411,6 +428,8 @@ class ClassConditionalTransformerPipeline(TransformerLoraLoaderMixin, ClassCondi
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         id2label: dict[str, str] | None = None,
+        objective: str | None = None,
+        prediction_type: str | None = None,
     ):
         super().__init__()
-        self._setup(transformer, scheduler, vae, id2label)
+        self._setup(transformer, scheduler, vae, id2label, objective, prediction_type)

@@ -23,7 +23,13 @@ def infer_architecture(pipeline) -> str:
 
 
 def infer_objective(pipeline) -> str:
-    """The scheduler's `prediction_type`, or `"flow_matching"` for a flow scheduler (which has none)."""
+    """`"flow_matching"`, or the prediction type (`"epsilon"`, ...) of a diffusion objective, as the pipeline records
+    it; a folder saved before pipelines recorded it falls back on its scheduler's config."""
+    config = pipeline.config
+    if config.get("objective") == "flow_matching":
+        return "flow_matching"
+    if config.get("objective") == "diffusion":
+        return config["prediction_type"]
     return pipeline.scheduler.config.get("prediction_type") or "flow_matching"
 
 

@@ -378,8 +378,8 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
     markdown = (output / "comparison.md").read_text()
     # 16 images in batches of 8 for 2 epochs: 4 optimizer steps.
     assert (
-        "| unet_run | unet `tiny` | ddpm | 4 x 8 |" in markdown
-        and "| dit_run | dit `tiny` | ddpm | 4 x 8 |" in markdown
+        "| unet_run | unet `tiny` | diffusion | 4 x 8 |" in markdown
+        and "| dit_run | dit `tiny` | diffusion | 4 x 8 |" in markdown
     )
     assert "(N=20)" in markdown and "sampling s/img (2 steps)" in markdown
     for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):

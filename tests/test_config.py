@@ -123,7 +123,11 @@ def test_defaults_run_without_a_recipe():
         (["--model.architecture", "vit"], r"model.architecture must be one of \['unet', 'dit', 'mmdit'\], got 'vit'"),
         (
             ["--objective.name", "score_sde"],
-            r"objective.name must be one of \['ddpm', 'flow_matching'\], got 'score_sde'",
+            r"objective.name must be one of \['diffusion', 'flow_matching'\], got 'score_sde'",
+        ),
+        (
+            ["--objective.name", "ddpm"],
+            r"objective.name 'ddpm' is now called 'diffusion' .*write `name: diffusion`",
         ),
         (["--objective.prediction_type", "x0"], r"must be one of \['epsilon', 'v_prediction', 'sample'\], got 'x0'"),
         (["--objective.timestep_sampling", "cosine"], r"must be one of \['uniform', 'logit_normal', 'mode'\]"),

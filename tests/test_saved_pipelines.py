@@ -33,6 +33,38 @@ def test_folder_saved_by_v0_1_loads_and_samples_the_same_images(name):
     np.testing.assert_allclose(images, np.asarray(EXPECTED["images"][name]), atol=1e-5)
 
 
+def test_folders_saved_before_pipelines_recorded_their_objective_fall_back_on_the_scheduler():
+    from pipelines.model_card import infer_objective
+
+    for name in sorted(EXPECTED["images"]):
+        pipe = DiffusionPipeline.from_pretrained(FIXTURES / name)
+        assert "objective" not in json.loads((FIXTURES / name / "model_index.json").read_text())
+        assert pipe.config.objective is None
+        expected = "flow_matching" if "Flow" in type(pipe.scheduler).__name__ else pipe.scheduler.config.prediction_type
+        assert infer_objective(pipe) == expected
+
+
+def test_the_objective_round_trips_through_model_index_json_and_bad_values_are_refused(tmp_path):
+    from pipelines.model_card import infer_objective
+
+    name = sorted(EXPECTED["images"])[0]
+    pipe = DiffusionPipeline.from_pretrained(FIXTURES / name)
+    components = {key: value for key, value in pipe.components.items()}
+    recorded = type(pipe)(**components, objective="diffusion", prediction_type="v_prediction")
+    recorded.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["objective"] == "diffusion" and index["prediction_type"] == "v_prediction"
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    # The record wins over the scheduler's config (which says epsilon here).
+    assert loaded.config.objective == "diffusion" and infer_objective(loaded) == "v_prediction"
+    with pytest.raises(ValueError, match=r"`objective` must be one of \['diffusion', 'flow_matching'\]"):
+        type(pipe)(**components, objective="ddpm")
+    with pytest.raises(ValueError, match="A diffusion objective needs its `prediction_type`"):
+        type(pipe)(**components, objective="diffusion")
+    with pytest.raises(ValueError, match="`prediction_type` belongs to the diffusion objective"):
+        type(pipe)(**components, objective="flow_matching", prediction_type="epsilon")
+
+
 def test_folders_saved_by_v0_1_load_in_a_fresh_process_with_only_import_pipelines(tmp_path):
     code = (
         "import sys, pipelines\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DiffusionPipeline
 from hub_server import FakeHub
 from PIL import Image
@@ -132,8 +133,14 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
     assert float(rows[-1]["imgs_per_sec"]) > 0 and float(rows[-1]["peak_mem_mb"]) > 0
     assert (output_dir / "config.yaml").is_file()
     assert (output_dir / "samples" / "epoch_0000.png").is_file()
+    saved_objective = yaml.safe_load((output_dir / "config.yaml").read_text())["objective"]
     for folder in ("last", "best"):
         pipe = DiffusionPipeline.from_pretrained(output_dir / folder)
+        index = json.loads((output_dir / folder / "model_index.json").read_text())
+        assert index["objective"] == saved_objective["name"]
+        assert index["prediction_type"] == (
+            saved_objective["prediction_type"] if saved_objective["name"] == "diffusion" else None
+        )
         assert "Usage" in (output_dir / folder / "README.md").read_text()
         assert (output_dir / folder / "samples.png").is_file()
         num_classes = pipe.denoiser.config.num_classes
@@ -149,7 +156,7 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
         assert gif.n_frames == 3  # the noise and the 2 denoising steps
         assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
         assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-2"]  # total limit 1
-        # FID-MNIST and GAN-test accuracy from training/evaluation.py, on 2 samples per class; best/ chosen by FID.
+        # FID-MNIST and GAN-test accuracy from evaluation/metrics.py, on 2 samples per class; best/ chosen by FID.
         assert (
             float(rows[-1]["fid"]) > 0
             and 0 <= float(rows[-1]["gan_test_acc"]) <= 1

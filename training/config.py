@@ -27,7 +27,9 @@ from custom_schedulers.schedules import BETA_SCHEDULES, PREDICTION_TYPES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
-OBJECTIVES = ("ddpm", "flow_matching")
+OBJECTIVES = ("diffusion", "flow_matching")
+# Old spellings of objective.name: refused with the new name ("ddpm" is also a sampler, which confused the two).
+RENAMED_OBJECTIVES = {"ddpm": "diffusion"}
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
@@ -82,6 +84,17 @@ def parse_yaml(text, source: str = "the YAML text") -> Any:
         line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{source} is not valid YAML{line}: {problem}.") from None
+
+
+def upgrade_saved_config(data: dict) -> dict:
+    """A config saved by an earlier version (a run's `config.yaml`), in today's names, for comparing and showing.
+
+    Recipes and overrides with an old name are refused instead (`_coerce`), so that they are rewritten once.
+    """
+    objective = data.get("objective")
+    if isinstance(objective, dict) and objective.get("name") in RENAMED_OBJECTIVES:
+        data = {**data, "objective": {**objective, "name": RENAMED_OBJECTIVES[objective["name"]]}}
+    return data
 
 
 def choice(default, choices, doc=""):
@@ -146,9 +159,9 @@ class ObjectiveConfig(ObjectiveOptions):
     """What the denoiser learns to predict, on which timesteps, and how its errors are weighted."""
 
     name: str = choice(
-        "ddpm",
+        "diffusion",
         OBJECTIVES,
-        doc="ddpm: the DDPM family (noise schedule + prediction target); flow_matching: rectified flow",
+        doc="diffusion: the DDPM family (noise schedule + prediction target); flow_matching: rectified flow",
     )
     prediction_type: str = choice(
         "epsilon",
@@ -394,6 +407,11 @@ def _coerce(key: str, value: Any, annotation, metadata) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value!r}.")
+    if key.endswith("objective.name") and value in RENAMED_OBJECTIVES:
+        raise ConfigError(
+            f"{key} {value!r} is now called {RENAMED_OBJECTIVES[value]!r} (the DDPM family of objectives; 'ddpm' "
+            f"names a sampler); write `name: {RENAMED_OBJECTIVES[value]}`."
+        )
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"{key} must be one of {list(metadata['choices'])}, got {value!r}.")
     if metadata.get("min") is not None and value < metadata["min"]:
@@ -603,7 +621,7 @@ def check_config(config: Config) -> None:
         raise ConfigError(
             f"eval.sampler {sampler!r} cannot sample a flow-matching model; use 'auto' or 'flow_match_euler'."
         )
-    if objective == "ddpm" and sampler == "flow_match_euler":
+    if objective == "diffusion" and sampler == "flow_match_euler":
         raise ConfigError(
             "eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'."
         )

@@ -115,7 +115,12 @@ def evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
     else:
         eval_model.load_state_dict(model.state_dict())
     pipeline = build_pipeline(
-        setup.architecture, eval_model, setup.sampling_scheduler, setup.vae, setup.train_dataset.id2label
+        setup.architecture,
+        eval_model,
+        setup.sampling_scheduler,
+        setup.vae,
+        setup.train_dataset.id2label,
+        objective=setup.pipeline_objective,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

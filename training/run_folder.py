@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from .checkpointing import read_training_state, recover_directory, remove_leftovers, resolve_resume_path
-from .config import ConfigError, RunConfig, parse_yaml, to_dict
+from .config import ConfigError, RunConfig, parse_yaml, to_dict, upgrade_saved_config
 
 LOCK_FILENAME = ".run.lock"
 # What a run writes into its output_dir (`training.train`'s docstring lists them).
@@ -80,7 +80,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting outside `RESUMABLE_CHANGES` that differs."""
-    saved, current = _flatten(saved), _flatten(current)
+    saved, current = _flatten(upgrade_saved_config(saved)), _flatten(current)
     changes = []
     for key in sorted(set(saved) | set(current)):
         if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):

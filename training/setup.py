@@ -204,11 +204,23 @@ def build_objective(objective_config, noise_scheduler, num_classes: int | None):
     return DiffusionObjective(noise_scheduler, snr_gamma=objective_config.snr_gamma, **common)
 
 
-def build_pipeline(architecture: str, denoiser, scheduler, vae=None, id2label=None):
-    """The project's pipeline for a denoiser: `unet` for the UNet, `transformer` for DiT and MMDiT."""
+def build_pipeline(architecture: str, denoiser, scheduler, vae=None, id2label=None, objective=None):
+    """The project's pipeline for a denoiser: `unet` for the UNet, `transformer` for DiT and MMDiT.
+
+    `objective` is `{"objective": ..., "prediction_type": ...}`, recorded in the saved `model_index.json`.
+    """
+    kwargs = dict(scheduler=scheduler, vae=vae, id2label=id2label, **(objective or {}))
     if architecture == "unet":
-        return ClassConditionalUNetPipeline(unet=denoiser, scheduler=scheduler, vae=vae, id2label=id2label)
-    return ClassConditionalTransformerPipeline(transformer=denoiser, scheduler=scheduler, vae=vae, id2label=id2label)
+        return ClassConditionalUNetPipeline(unet=denoiser, **kwargs)
+    return ClassConditionalTransformerPipeline(transformer=denoiser, **kwargs)
+
+
+def pipeline_objective(objective_name: str, prediction_type: str | None) -> dict:
+    """What a saved pipeline records of its training objective (`build_pipeline`'s `objective`)."""
+    return {
+        "objective": objective_name,
+        "prediction_type": prediction_type if objective_name == "diffusion" else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +238,10 @@ class TrainingSetup:
     objective: Callable
     sampling_scheduler: object
     architecture: str
-    # What was trained, for the model card: e.g. "unet `small`, ddpm objective".
+    # What was trained, for the model card: e.g. "unet `small`, diffusion objective".
     description: str
+    # Recorded in every saved pipeline (`pipeline_objective`).
+    pipeline_objective: dict
     # `save_folder(pipeline, destination, *, config, grid, metrics, details)` writes `last/` and `best/`.
     save_folder: Callable = save_pipeline_folder
 
@@ -255,6 +269,7 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
         sampling_scheduler=build_sampling_scheduler(config.eval.sampler, noise_scheduler),
         architecture=config.model.architecture,
         description=f"{config.model.architecture} `{config.model.preset}`, {config.objective.name} objective",
+        pipeline_objective=pipeline_objective(config.objective.name, config.objective.prediction_type),
     )
 
 

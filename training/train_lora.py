@@ -43,7 +43,14 @@ from .config import (
     described,
     load_config,
 )
-from .setup import TrainingSetup, build_objective, build_sampling_scheduler, latent_geometry, load_datasets
+from .setup import (
+    TrainingSetup,
+    build_objective,
+    build_sampling_scheduler,
+    latent_geometry,
+    load_datasets,
+    pipeline_objective,
+)
 from .train import train
 
 
@@ -221,7 +228,7 @@ def build_lora_setup(config: LoraTrainingConfig, accelerator: Accelerator) -> Tr
     _check_data_fits(pipeline, train_dataset)
 
     objective_name = infer_objective(pipeline)
-    family = "flow_matching" if objective_name == "flow_matching" else "ddpm"
+    family = "flow_matching" if objective_name == "flow_matching" else "diffusion"
     if family == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError(
             "objective.snr_gamma (min-SNR weighting) applies to DDPM-family bases only; this base is flow matching."
@@ -253,6 +260,7 @@ def build_lora_setup(config: LoraTrainingConfig, accelerator: Accelerator) -> Tr
         objective=objective,
         sampling_scheduler=sampling_scheduler,
         architecture=infer_architecture(pipeline),
+        pipeline_objective=pipeline_objective(family, noise_scheduler.config.get("prediction_type")),
         description=(
             f"LoRA rank {lora_config.r} / alpha {lora_config.lora_alpha} on {sorted(lora_config.target_modules)} of "
             f"`{source}` ({type(denoiser).__name__}), {objective_name} objective"
