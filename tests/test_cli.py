@@ -12,23 +12,16 @@ import pytest
 import torch
 from peft import LoraConfig
 from PIL import Image
+from tiny_runs import tiny_run_args
 
 from commands import compare, evaluate, sample
 from custom_models.unet import ScratchUNetModel
 from custom_schedulers import ScratchDDIMScheduler
-from evaluation import inception_fid, metrics
+from evaluation import inception_fid
 from pipelines import ClassConditionalUNetPipeline
 from training import train as train_module
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def isolated_cache(tmp_path_factory):
-    """Reference statistics go to a temporary cache, never the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(metrics.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -332,32 +325,7 @@ def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # compare, on real (tiny) training runs that evaluate through `evaluate_pipeline` each epoch
 # --------------------------------------------------------------------------------------------------
-TINY_RUN = [
-    "--model.preset",
-    "tiny",
-    "--data.max_train_samples",
-    "16",
-    "--data.num_validation_samples",
-    "4",
-    "--train.batch_size",
-    "8",
-    "--train.num_epochs",
-    "2",
-    "--train.report_to",
-    "none",
-    "--eval.num_inference_steps",
-    "2",
-    "--eval.images_per_class",
-    "1",
-    "--eval.gif",
-    "false",
-    "--eval.every_epochs",
-    "1",
-    "--eval.fid_n",
-    "2",
-    "--checkpoint.every_steps",
-    "0",
-]
+TINY_RUN = tiny_run_args(**{"train.batch_size": 8, "train.num_epochs": 2, "eval.every_epochs": 1, "eval.fid_n": 2})
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,6 @@ from evaluation.mnist_classifier import (
 from image_data import ImageTransform, load_mnist_arrays
 
 
-@pytest.fixture(scope="module", autouse=True)
-def isolated_cache(tmp_path_factory):
-    """Reference statistics go to a temporary cache, never the user's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(metrics.CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def classifier():
     return load_mnist_classifier()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
+from tiny_runs import tiny_run_args
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX
@@ -30,32 +31,15 @@ from training.train import TrainingDivergedError, train
 REPO = Path(__file__).resolve().parent.parent
 HOOKED_TRAIN = str(REPO / "tests" / "train_with_hooks.py")
 # 16 images, batch 2: 8 optimizer steps per epoch; a checkpoint every 2 steps, 2 kept.
-ARGS = [
-    "--model.preset",
-    "tiny",
-    "--data.max_train_samples",
-    "16",
-    "--data.num_validation_samples",
-    "4",
-    "--train.batch_size",
-    "2",
-    "--train.report_to",
-    "none",
-    "--eval.num_inference_steps",
-    "2",
-    "--eval.images_per_class",
-    "1",
-    "--eval.gif",
-    "false",
-    "--ema.decay",
-    "0.9",
-    "--model.overrides.dropout",
-    "0.1",
-    "--checkpoint.every_steps",
-    "2",
-    "--checkpoint.checkpoints_total_limit",
-    "2",
-]
+ARGS = tiny_run_args(
+    **{
+        "train.batch_size": 2,
+        "ema.decay": 0.9,
+        "model.overrides.dropout": 0.1,
+        "checkpoint.every_steps": 2,
+        "checkpoint.checkpoints_total_limit": 2,
+    }
+)
 
 
 def _env():

@@ -16,6 +16,7 @@ from diffusers import DiffusionPipeline
 from hub_server import FakeHub
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_runs import tiny_run_args
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, write_atomically
@@ -33,26 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 HOOKED_TRAIN = str(Path(__file__).resolve().parent / "train_with_hooks.py")
 HUB_TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
 # A few optimizer steps of a tiny model on a few images, evaluated cheaply.
-TINY = [
-    "--model.preset",
-    "tiny",
-    "--data.max_train_samples",
-    "16",
-    "--data.num_validation_samples",
-    "4",
-    "--train.batch_size",
-    "4",
-    "--train.report_to",
-    "none",
-    "--eval.num_inference_steps",
-    "2",
-    "--eval.images_per_class",
-    "1",
-    "--eval.gif",
-    "false",
-    "--checkpoint.every_steps",
-    "0",
-]
+TINY = tiny_run_args()
 
 
 def _subprocess_env(**extra):

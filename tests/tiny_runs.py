@@ -1,0 +1,20 @@
+"""The command-line arguments of tiny training runs, shared by the tests that train (seconds per run on CPU)."""
+
+# 16 MNIST images (4 more for validation), the `tiny` preset, no tracker, cheap evaluations, no checkpoints.
+TINY_RUN_SETTINGS = {
+    "model.preset": "tiny",
+    "data.max_train_samples": 16,
+    "data.num_validation_samples": 4,
+    "train.batch_size": 4,
+    "train.report_to": "none",
+    "eval.num_inference_steps": 2,
+    "eval.images_per_class": 1,
+    "eval.gif": "false",
+    "checkpoint.every_steps": 0,
+}
+
+
+def tiny_run_args(**settings) -> list[str]:
+    """`--key value` arguments of a tiny run; `settings` (dotted keys, e.g. `**{"train.batch_size": 8}`) override."""
+    merged = {**TINY_RUN_SETTINGS, **settings}
+    return [item for key, value in merged.items() for item in (f"--{key}", str(value))]
