@@ -19,6 +19,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The two families of training objectives: diffusion (the DDPM family, one of PREDICTION_TYPES) and rectified flow.
+OBJECTIVES = ("diffusion", "flow_matching")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 

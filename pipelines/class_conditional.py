@@ -26,14 +26,12 @@ from huggingface_hub import HfApi, ModelCard
 from custom_models.dit_gqa import ScratchDiTModel
 from custom_models.mmdit import ScratchMMDiTModel
 from custom_models.unet import ScratchUNetModel
+from custom_schedulers.schedules import OBJECTIVES, PREDICTION_TYPES
 
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import SAMPLE_GRID_FILENAME, build_model_card
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-# What the denoiser was trained for, recorded in `model_index.json`: the vocabulary of the training config.
-OBJECTIVES = ("diffusion", "flow_matching")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
 
 

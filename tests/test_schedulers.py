@@ -13,11 +13,11 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
+from custom_schedulers.schedules import PREDICTION_TYPES
 
 TOLERANCE = 1e-5
 SAMPLE_SHAPE = (2, 1, 4, 4)
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2", "trained_betas"]
-PREDICTION_TYPES = ["epsilon", "v_prediction", "sample"]
 SPACINGS = ["leading", "trailing", "linspace"]
 FEW_STEPS = [1, 10, 50]
 ETAS = [0.0, 0.5, 1.0]

@@ -6,11 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from custom_schedulers.schedules import BETA_SCHEDULES, PREDICTION_TYPES
+from custom_schedulers.schedules import BETA_SCHEDULES, OBJECTIVES, PREDICTION_TYPES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
-OBJECTIVES = ("diffusion", "flow_matching")
 # Old spellings of objective.name: refused with the new name ("ddpm" is also a sampler, which confused the two).
 RENAMED_OBJECTIVES = {"ddpm": "diffusion"}
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
