@@ -473,6 +473,17 @@ def evaluate_pipeline(
 
     With `return_samples=True`, returns `(results, images, labels)` (images `[N, C, H, W]` in [0, 1]).
     """
+    vae, denoiser = getattr(pipeline, "vae", None), getattr(pipeline, "denoiser", None)
+    if denoiser is None:
+        raise ValueError(
+            f"Evaluation needs a pipeline of this project (one with a `denoiser`), got {type(pipeline).__name__}."
+        )
+    channels = vae.config.out_channels if vae is not None else denoiser.config.in_channels
+    if channels != 1:
+        raise ValueError(
+            f"FID-MNIST and the other metrics score grey MNIST digits with the shipped MNIST classifier; this pipeline "
+            f"makes {channels}-channel images, which it was not trained on, so the numbers would be meaningless."
+        )
     classifier = default_classifier()
     num_classes = getattr(getattr(getattr(pipeline, "denoiser", None), "config", None), "num_classes", None)
     if num_classes is not None and num_classes != classifier.num_classes:

@@ -15,6 +15,13 @@ SHIPPED_MNIST_FILES = ("train-00000-of-00001.parquet", "test-00000-of-00001.parq
 IMAGE_COLUMN_CANDIDATES = ("image", "img")
 LABEL_COLUMN_CANDIDATES = ("label", "labels")
 UNREADABLE_IMAGE_CHOICES = ("stop", "skip")
+LABEL_CHOICES = ("auto", "use", "ignore")
+# `class_labels` of an item of an unlabelled dataset.
+UNLABELLED = -1
+
+
+class SplitNotFoundError(ValueError):
+    """The data set has no split of the asked name; the message lists those it has."""
 
 
 def shipped_mnist_dir() -> Path:
@@ -38,7 +45,7 @@ def _select_split(loaded, split: str, source: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.Dataset):
         return loaded
     if split not in loaded:
-        raise ValueError(f"Split '{split}' is not in {source}: available splits are {sorted(loaded)}.")
+        raise SplitNotFoundError(f"Split '{split}' is not in {source}: available splits are {sorted(loaded)}.")
     return loaded[split]
 
 
@@ -187,7 +194,12 @@ class ImageTransform:
 
 
 class LabeledImageDataset(torch.utils.data.Dataset):
-    """A torch view of an image classification `datasets.Dataset`: items `{"pixel_values", "class_labels"}`."""
+    """A torch view of an image `datasets.Dataset`: items `{"pixel_values", "class_labels"}`.
+
+    `labels`: "use" needs a label column; "ignore" drops it (unconditional training on labelled data); "auto"
+    uses one if the data has one, else the dataset is unlabelled. Unlabelled: `num_classes` and `id2label` are
+    None and every item's `class_labels` is -1 (collatable; the loop passes no labels to the model).
+    """
 
     def __init__(
         self,
@@ -195,20 +207,33 @@ class LabeledImageDataset(torch.utils.data.Dataset):
         transform: ImageTransform,
         image_column: str | None = None,
         label_column: str | None = None,
+        labels: str = "auto",
     ):
+        if labels not in LABEL_CHOICES:
+            raise ValueError(f"labels must be one of {list(LABEL_CHOICES)}, got {labels!r}.")
+        if labels == "ignore" and label_column is not None:
+            raise ValueError(f"label_column {label_column!r} was given with labels='ignore'; drop one of the two.")
         self.image_column = _find_column(hf_dataset, image_column, IMAGE_COLUMN_CANDIDATES, datasets.Image, "image")
-        self.label_column = _find_column(
-            hf_dataset, label_column, LABEL_COLUMN_CANDIDATES, datasets.ClassLabel, "label"
-        )
-        hf_dataset = hf_dataset.select_columns([self.image_column, self.label_column])
-        if not isinstance(hf_dataset.features[self.image_column], datasets.Image):
+        self.label_column = None
+        if labels == "use" or label_column is not None:
+            self.label_column = _find_column(
+                hf_dataset, label_column, LABEL_COLUMN_CANDIDATES, datasets.ClassLabel, "label"
+            )
+        elif labels == "auto":
             try:
-                hf_dataset = hf_dataset.cast_column(self.image_column, datasets.Image())
-            except (TypeError, ValueError) as error:
-                raise ValueError(
-                    f"Column '{self.image_column}' ({hf_dataset.features[self.image_column]}) cannot be read as "
-                    f"images: {error}"
-                ) from error
+                self.label_column = _find_column(
+                    hf_dataset, None, LABEL_COLUMN_CANDIDATES, datasets.ClassLabel, "label"
+                )
+            except ValueError:
+                self.label_column = None  # no label column: an unlabelled image set
+        self.transform = transform
+        self.num_classes, self.id2label = None, None
+        self.columns = list(hf_dataset.column_names)  # all of them, for messages about what the data holds
+        self.hf_dataset = hf_dataset.select_columns([c for c in (self.image_column, self.label_column) if c])
+        self._check_image_column()
+        if self.label_column is None:
+            return
+        hf_dataset = self.hf_dataset
         label_feature = hf_dataset.features[self.label_column]
         if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
             hf_dataset = hf_dataset.class_encode_column(self.label_column)
@@ -226,9 +251,22 @@ class LabeledImageDataset(torch.utils.data.Dataset):
                 f"got {label_feature}."
             )
         self.hf_dataset = hf_dataset
-        self.transform = transform
         self.num_classes = len(names)
         self.id2label = dict(enumerate(names))
+
+    def _check_image_column(self) -> None:
+        if not isinstance(self.hf_dataset.features[self.image_column], datasets.Image):
+            try:
+                self.hf_dataset = self.hf_dataset.cast_column(self.image_column, datasets.Image())
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"Column '{self.image_column}' ({self.hf_dataset.features[self.image_column]}) cannot be read "
+                    f"as images: {error}"
+                ) from error
+
+    @property
+    def conditional(self) -> bool:
+        return self.label_column is not None
 
     def unreadable_rows(self) -> list[tuple[int, str, str]]:
         """(row, file path or '', why) of every image that does not decode: found before training, not mid-epoch."""
@@ -257,7 +295,8 @@ class LabeledImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.hf_dataset[int(index)]
-        return {"pixel_values": self.transform(row[self.image_column]), "class_labels": int(row[self.label_column])}
+        label = int(row[self.label_column]) if self.label_column is not None else UNLABELLED
+        return {"pixel_values": self.transform(row[self.image_column]), "class_labels": label}
 
     @property
     def image_shape(self) -> tuple:
@@ -277,6 +316,7 @@ def load_image_dataset(
     dataset_config_name: str | None = None,
     cache_dir: str | None = None,
     unreadable_images: str = "stop",
+    labels: str = "auto",
 ) -> LabeledImageDataset:
     """Labeled images as tensors in [-1, 1]; the shipped MNIST by default (`pad_to=32` gives 32x32 digits).
 
@@ -290,7 +330,9 @@ def load_image_dataset(
         )
     transform = ImageTransform(resolution=resolution, pad_to=pad_to, channels=channels, random_flip=random_flip)
     hf_dataset = load_hf_dataset(dataset_name, split, dataset_config_name=dataset_config_name, cache_dir=cache_dir)
-    dataset = LabeledImageDataset(hf_dataset, transform, image_column=image_column, label_column=label_column)
+    dataset = LabeledImageDataset(
+        hf_dataset, transform, image_column=image_column, label_column=label_column, labels=labels
+    )
     if dataset_name is None:
         return dataset  # the shipped MNIST is checked against its sha256 when built
     bad = dataset.unreadable_rows()

@@ -229,6 +229,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return_trajectory: bool = False,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        batch_size: int | None = None,
     ):
         """Generate images of the given classes.
 
@@ -246,6 +247,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
             output_type: "pil", "np" (`[N, H, W, C]` in [0, 1]), "pt" (`[N, C, H, W]` in [0, 1]) or "latent".
             return_dict: return a `ClassConditionalPipelineOutput` instead of a tuple.
             return_trajectory: also return the decoded batch after every step (for GIFs).
+            batch_size: for an unconditional denoiser, the number of images (diffusers' name for it in its
+                unconditional pipelines); the same as `num_images_per_label`.
             callback_on_step_end: `callback(pipeline, step, timestep, callback_kwargs) -> dict` called after each
                 step with the tensors named in `callback_on_step_end_tensor_inputs`; returned tensors replace them.
 
@@ -255,6 +258,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self._check_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
+        if batch_size is not None:
+            if self.denoiser.config.num_classes:
+                raise ValueError(
+                    "`batch_size` is the image count of an unconditional denoiser; this one is class-conditional: "
+                    "pass `class_labels` and `num_images_per_label`."
+                )
+            if num_images_per_label != 1:
+                raise ValueError("Pass `batch_size` or `num_images_per_label`, not both.")
+            num_images_per_label = batch_size
         self._guidance_scale = guidance_scale
         self._interrupt = False
         device = self._execution_device

@@ -285,9 +285,12 @@ def test_local_parquet_with_other_column_names(tmp_path):
     assert [dataset[index]["class_labels"] for index in range(4)] == digits
     assert torch.allclose(dataset[0]["pixel_values"], torch.full((1, 6, 6), 150 / 127.5 - 1))
 
-    # Auto-detection finds the only Image column, but no label column: the error lists what there is.
+    # Auto-detection finds the only Image column but no label column: unlabelled, unless labels are required, and
+    # then the error lists what there is.
+    unlabelled = load_image_dataset(str(folder), cache_dir=cache_dir)
+    assert unlabelled.num_classes is None and unlabelled.columns == ["picture", "digit", "caption"]
     with pytest.raises(ValueError, match=r"no label column.*\['picture', 'digit', 'caption'\]"):
-        load_image_dataset(str(folder), cache_dir=cache_dir)
+        load_image_dataset(str(folder), cache_dir=cache_dir, labels="use")
     with pytest.raises(ValueError, match=r"image column 'image' is not in the dataset.*'picture'"):
         load_image_dataset(str(folder), image_column="image", label_column="digit", cache_dir=cache_dir)
     # String labels become class indices, names sorted.

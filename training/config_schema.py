@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from custom_schedulers.schedules import BETA_SCHEDULES, OBJECTIVES, PREDICTION_TYPES
+from image_data.loading import LABEL_CHOICES
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
@@ -147,6 +148,12 @@ class DataConfig:
         None, 1, doc="use only the first N training images (tests, quick experiments); null uses them all"
     )
     num_workers: int = bounded(0, 0, doc="DataLoader worker processes; 0 loads in the training process")
+    labels: str = choice(
+        "auto",
+        LABEL_CHOICES,
+        doc="auto: class-conditional if the data has a label column, else unconditional; use: require labels; "
+        "ignore: train unconditionally",
+    )
     unreadable_images: str = choice(
         "stop", ("stop", "skip"), doc="an image that does not decode: stop (an error naming it) or skip (a warning)"
     )

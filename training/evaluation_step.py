@@ -136,4 +136,8 @@ def validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Acc
         generator=torch.Generator().manual_seed(config.train.seed),
     )
     device = accelerator.device
-    return [(batch["pixel_values"].to(device), batch["class_labels"].to(device)) for batch in loader]
+    conditional = setup.train_dataset.num_classes is not None
+    return [
+        (batch["pixel_values"].to(device), batch["class_labels"].to(device) if conditional else None)
+        for batch in loader
+    ]

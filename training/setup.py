@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
 from image_data import load_image_dataset
+from image_data.loading import SplitNotFoundError
 from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
 
 from .artifacts import save_pipeline_folder
@@ -89,12 +90,19 @@ def load_datasets(data_config):
         pad_to=data_config.pad_to,
         channels=data_config.channels,
         unreadable_images=data_config.unreadable_images,
+        labels=data_config.labels,
     )
     train_dataset = load_image_dataset(split=data_config.train_split, random_flip=data_config.random_flip, **kwargs)
     num_validation = data_config.num_validation_samples
     validation_dataset = None
     if data_config.validation_split is not None:
-        validation_dataset = load_image_dataset(split=data_config.validation_split, **kwargs)
+        try:
+            validation_dataset = load_image_dataset(split=data_config.validation_split, **kwargs)
+        except SplitNotFoundError as error:
+            raise ConfigError(
+                f"data.validation_split {data_config.validation_split!r}: {error} Set data.validation_split to one of "
+                "them, or to null to hold out the last data.num_validation_samples training images."
+            ) from None
         if num_validation:
             validation_dataset = _subset(validation_dataset, range(min(num_validation, len(validation_dataset))))
     elif num_validation:
@@ -116,7 +124,7 @@ def load_datasets(data_config):
 def _subset(dataset, indices):
     """A `Subset` that keeps the class metadata of the dataset it views."""
     subset = torch.utils.data.Subset(dataset, list(indices))
-    subset.num_classes, subset.id2label = dataset.num_classes, dataset.id2label
+    subset.num_classes, subset.id2label, subset.columns = dataset.num_classes, dataset.id2label, dataset.columns
     return subset
 
 
@@ -250,6 +258,19 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
     """The data and a new denoiser from its preset, in pixel or VAE latent space, saved as pipeline folders."""
     train_dataset, validation_dataset = load_datasets(config.data)
     num_classes = train_dataset.num_classes
+    if num_classes is None and config.data.labels == "auto":
+        columns = getattr(train_dataset, "columns", None) or getattr(
+            getattr(train_dataset, "dataset", None), "columns", []
+        )
+        accelerator.print(
+            f"The data has no label column (its columns: {columns}): training an unconditional model. Set "
+            "data.label_column to train on labels, or data.labels ignore to say that this is what you want."
+        )
+    if num_classes is None and config.eval.fid_n > 0:
+        raise ConfigError(
+            f"eval.fid_n {config.eval.fid_n}: the data has no labels (an unconditional model), and GAN-test accuracy "
+            "asks for each digit; set eval.fid_n 0, or give the data a label column (data.label_column)."
+        )
     image_channels, image_size, _ = train_dataset[0]["pixel_values"].shape
     vae = None
     sample_size, in_channels = image_size, image_channels

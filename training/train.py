@@ -1,4 +1,5 @@
-"""Train a class-conditional diffusion model: `accelerate launch -m training.train --config configs/<recipe>.yaml`.
+"""Train a diffusion model, class-conditional (unconditional on unlabelled images):
+`accelerate launch -m training.train --config configs/<recipe>.yaml`.
 
 Plain `python -m training.train ...` works too (one process). Any config key can be overridden as
 `--section.key value` (see `training/config.py`). The run writes into `output_dir`:
@@ -95,6 +96,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
     try:
         setup = build_setup(config, accelerator)
         model, train_dataset = setup.model, setup.train_dataset
+        conditional = train_dataset.num_classes is not None  # an unlabelled data set trains an unconditional model
         set_seed(seed, device_specific=True)  # different dropout masks per process; a resume restores the RNG states
         _prepare_model(config, model)
         accum = config.train.gradient_accumulation_steps
@@ -153,7 +155,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                     )
                 generator = step_generator(seed, rank, epoch, batch_index)
                 pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-                class_labels = batch["class_labels"].to(accelerator.device, non_blocking=True)
+                class_labels = batch["class_labels"].to(accelerator.device, non_blocking=True) if conditional else None
                 with accelerator.accumulate(model):
                     clean = to_model_space(pixel_values, setup.vae, generator)
                     loss = setup.objective(model, clean, class_labels, generator)

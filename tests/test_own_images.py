@@ -1,0 +1,95 @@
+"""Training on the user's own images: an RGB folder of drawn shapes, unlabelled (unconditional model) and with one
+subfolder per class (class-conditional), saved, reloaded with plain diffusers, and refused by the MNIST metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image, ImageDraw
+from tiny_runs import tiny_run_args
+
+import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
+from evaluation import evaluate_pipeline
+from training.config import ConfigError
+from training.train import main as train_main
+
+SHAPES = ("circle", "square")
+
+
+def draw_shape(kind: str, rng: np.random.Generator, size: int = 16) -> Image.Image:
+    """A coloured circle or square at a random place on a random dark background."""
+    image = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 60, 3)))
+    draw = ImageDraw.Draw(image)
+    radius = int(rng.integers(3, 6))
+    x, y = (int(v) for v in rng.integers(radius, size - radius, 2))
+    colour = tuple(int(c) for c in rng.integers(120, 256, 3))
+    box = (x - radius, y - radius, x + radius, y + radius)
+    (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def shape_folders(tmp_path_factory):
+    """(unlabelled folder, folder with a subfolder per shape), 200 images each."""
+    rng = np.random.default_rng(0)
+    flat, by_class = tmp_path_factory.mktemp("shapes_flat"), tmp_path_factory.mktemp("shapes_by_class")
+    for index in range(200):
+        kind = SHAPES[index % 2]
+        draw_shape(kind, rng).save(flat / f"{index:03d}.png")
+        (by_class / kind).mkdir(exist_ok=True)
+        draw_shape(kind, rng).save(by_class / kind / f"{index:03d}.png")
+    return flat, by_class
+
+
+def _train(folder, output_dir, *extra):
+    args = tiny_run_args(**{"data.dataset": str(folder), "data.channels": 3, "data.validation_split": "null"})
+    train_main([*args, "--train.max_steps", "2", "--output_dir", str(output_dir), *extra])
+    return DiffusionPipeline.from_pretrained(output_dir / "best")
+
+
+def test_an_unlabelled_folder_trains_an_unconditional_model(shape_folders, tmp_path):
+    flat, _ = shape_folders
+    pipe = _train(flat, tmp_path / "run")
+    assert pipe.denoiser.config.num_classes is None and pipe.denoiser.config.in_channels == 3
+    assert json.loads((tmp_path / "run" / "best" / "model_index.json").read_text())["id2label"] is None
+    assert Image.open(tmp_path / "run" / "samples" / "epoch_0000.png").size == (16, 4 * 16)  # 4 rows x 1 column
+    card = (tmp_path / "run" / "best" / "README.md").read_text()
+    assert "unconditional" in card and "guidance_scale" not in card
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers' unconditional convention: `batch_size` images.
+    images = pipe(batch_size=3, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (3, 16, 16, 3) and np.isfinite(images).all()
+    again = pipe(num_images_per_label=3, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np")
+    assert np.array_equal(images, again.images)
+    with pytest.raises(ValueError, match="leave `class_labels` as None"):
+        pipe(class_labels=[0], num_inference_steps=1)
+    with pytest.raises(ValueError, match="makes 3-channel images"):
+        evaluate_pipeline(pipe, num_samples_per_class=2, num_inference_steps=1, guidance_scale=1.0)
+
+
+def test_a_folder_of_class_subfolders_trains_class_conditionally_and_labels_can_be_ignored(shape_folders, tmp_path):
+    _, by_class = shape_folders
+    pipe = _train(by_class, tmp_path / "conditional")
+    assert pipe.denoiser.config.num_classes == 2 and dict(pipe.config.id2label) == {"0": "circle", "1": "square"}
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=["square"], num_inference_steps=2, guidance_scale=2.0, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="3-channel images, which it was not trained on"):
+        evaluate_pipeline(pipe, num_samples_per_class=2, num_inference_steps=1, guidance_scale=1.0)
+    with pytest.raises(ValueError, match="`batch_size` is the image count of an unconditional denoiser"):
+        pipe(batch_size=2, num_inference_steps=1)
+
+    ignored = _train(by_class, tmp_path / "ignored", "--data.labels", "ignore")
+    assert ignored.denoiser.config.num_classes is None
+
+
+def test_mnist_metrics_are_refused_for_other_data_and_unlabelled_data(shape_folders, tmp_path):
+    flat, by_class = shape_folders
+    with pytest.raises(ConfigError, match=r"eval.fid_n 2: .* data.dataset '.*' is not MNIST"):
+        _train(by_class, tmp_path / "a", "--eval.fid_n", "2")
+    with pytest.raises(ConfigError, match=r"data.labels is 'ignore'"):
+        train_main(tiny_run_args(**{"eval.fid_n": 2, "data.labels": "ignore", "output_dir": str(tmp_path / "b")}))
+    with pytest.raises(ConfigError, match=r"data.validation_split 'test': Split 'test' is not in .* null to hold out"):
+        train_main(tiny_run_args(**{"data.dataset": str(flat), "output_dir": str(tmp_path / "c")}))
