@@ -142,3 +142,97 @@ def inception_fid(
         "inception_fid_num_samples": int(images.shape[0]),
         "inception_fid_num_reference_samples": int(statistics["num_samples"].item()),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Any data set: Inception FID and KID against that data set's own images
+# --------------------------------------------------------------------------------------------------
+def dataset_fingerprint(dataset, num_samples: int) -> str:
+    """sha256 of the encoded bytes of the first `num_samples` images of an `image_data.LabeledImageDataset`, and of
+    the transform that turns them into tensors: a changed file or setting gives other reference statistics."""
+    digest = hashlib.sha256()
+    transform = dataset.transform
+    digest.update(repr((transform.resolution, transform.pad_to, transform.channels, num_samples)).encode())
+    column = dataset.hf_dataset.with_format("arrow")
+    for start in range(0, num_samples, 4096):
+        cells = column[start : min(start + 4096, num_samples)][dataset.image_column].to_pylist()
+        for cell in cells:
+            if cell.get("bytes"):
+                digest.update(cell["bytes"])
+            else:
+                digest.update(Path(cell["path"]).read_bytes())
+    return digest.hexdigest()
+
+
+def _quantised(images: torch.Tensor, value_range) -> torch.Tensor:
+    """Images in `value_range` -> [-1, 1] after 8-bit quantisation, as saved images and the real data are."""
+    low, high = value_range
+    images = ((images.float() - low) / (high - low)).clamp(0, 1)
+    return torch.round(images * 255.0) / 127.5 - 1.0
+
+
+def _features(extractor, images: torch.Tensor, batch_size: int, device, desc: str, progress: bool) -> torch.Tensor:
+    features = []
+    for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
+        features.append(extractor(images[start : start + batch_size].to(device)).double().cpu())
+    return torch.cat(features)
+
+
+def dataset_reference_features(
+    dataset,
+    extractor,
+    num_reference_samples: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 50,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Inception features `[N, 2048]` (float64) of the first N images of `dataset`, computed once and cached under
+    a key made of the images' sha256, their transform and the feature network's sha256."""
+    count = len(dataset) if num_reference_samples is None else min(num_reference_samples, len(dataset))
+    if count < 2:
+        raise ValueError(f"Reference statistics need at least 2 real images; the reference data has {count}.")
+    key = f"inception-data-{INCEPTION_SHA256[:16]}-{dataset_fingerprint(dataset, count)[:32]}-n{count}"
+    path = cache_dir() / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["features"]
+    images = torch.stack([dataset[index]["pixel_values"] for index in range(count)])
+    features = _features(extractor, _quantised(images, (-1.0, 1.0)), batch_size, device, "real features", progress)
+    write_file_atomically(path, lambda temporary: save_file({"features": features.contiguous()}, temporary))
+    return features
+
+
+def inception_metrics(
+    images: torch.Tensor,
+    reference_dataset,
+    value_range=(0.0, 1.0),
+    device: str | torch.device = "cpu",
+    num_reference_samples: int | None = None,
+    batch_size: int = 50,
+    progress: bool = False,
+    extractor=None,
+) -> dict:
+    """Inception FID and KID of generated images `[N, C, H, W]` in `value_range` against the images of
+    `reference_dataset` (e.g. the training data), with both sample counts.
+
+    Follows torch-fidelity: 8-bit images, bilinear resize to 299 px inside the network's wrapper, 2048-d pool3
+    features, FID in float64, KID as the mean unbiased cubic-kernel MMD^2 over 100 subsets of up to 1,000.
+    """
+    from .metrics import frechet_distance, kernel_inception_distance, small_sample_warning
+
+    if images.shape[0] < 2:
+        raise ValueError(f"Inception FID needs at least 2 generated samples, got {images.shape[0]}.")
+    nonfinite = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum())
+    if nonfinite:
+        raise ValueError(f"{nonfinite} of {images.shape[0]} generated samples hold NaN or infinite pixels.")
+    extractor = extractor if extractor is not None else InceptionFeatureExtractor(device)
+    real = dataset_reference_features(reference_dataset, extractor, num_reference_samples, device, batch_size, progress)
+    fake = _features(extractor, _quantised(images, value_range), batch_size, device, "sample features", progress)
+    kid_mean, kid_std = kernel_inception_distance(real, fake)
+    return {
+        "inception_fid": frechet_distance(real, fake),
+        "inception_kid_mean": kid_mean,
+        "inception_kid_std": kid_std,
+        "inception_fid_num_samples": int(fake.shape[0]),
+        "inception_fid_num_reference_samples": int(real.shape[0]),
+        "small_sample_warning": small_sample_warning(int(fake.shape[0])),
+    }

@@ -426,13 +426,16 @@ def generate_samples(
     class_ids: Sequence[int] | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`[N, C, H, W]` images in [0, 1] on CPU, labels): `num_samples_per_class` per class, batch `i` seeded `seed + i`."""
+    """(`[N, C, H, W]` images in [0, 1] on CPU, labels): `num_samples_per_class` per class, batch `i` seeded `seed + i`.
+
+    An unconditional pipeline (one "class") makes `num_samples_per_class` images, labelled -1, without guidance.
+    """
     denoiser = getattr(pipeline, "denoiser", None)
-    num_classes = getattr(getattr(denoiser, "config", None), "num_classes", None)
-    if not num_classes:
+    if denoiser is None:
         raise ValueError(
-            "Evaluation needs a class-conditional pipeline of this project (`denoiser.config.num_classes` set)."
+            f"Evaluation needs a pipeline of this project (one with a `denoiser`), got {type(pipeline).__name__}."
         )
+    num_classes = denoiser.config.num_classes
     if (
         isinstance(num_samples_per_class, bool)
         or not isinstance(num_samples_per_class, int)
@@ -441,16 +444,20 @@ def generate_samples(
         raise ValueError(f"num_samples_per_class must be a positive integer, got {num_samples_per_class!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    class_ids = list(range(num_classes)) if class_ids is None else list(class_ids)
-    labels = torch.tensor(class_ids, dtype=torch.long).repeat_interleave(num_samples_per_class)
+    if not num_classes:
+        labels = torch.full((num_samples_per_class,), -1, dtype=torch.long)
+    else:
+        class_ids = list(range(num_classes)) if class_ids is None else list(class_ids)
+        labels = torch.tensor(class_ids, dtype=torch.long).repeat_interleave(num_samples_per_class)
     images = []
     starts = range(0, labels.shape[0], batch_size)
     for index, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress)):
         generator = torch.Generator("cpu").manual_seed(seed + index)
+        chunk = labels[start : start + batch_size]
         batch = pipeline(
-            class_labels=labels[start : start + batch_size].tolist(),
+            **(dict(class_labels=chunk.tolist()) if num_classes else dict(batch_size=chunk.shape[0])),
             num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
+            guidance_scale=guidance_scale if num_classes else 1.0,
             generator=generator,
             output_type="pt",
         ).images
@@ -485,8 +492,13 @@ def evaluate_pipeline(
             f"makes {channels}-channel images, which it was not trained on, so the numbers would be meaningless."
         )
     classifier = default_classifier()
-    num_classes = getattr(getattr(getattr(pipeline, "denoiser", None), "config", None), "num_classes", None)
-    if num_classes is not None and num_classes != classifier.num_classes:
+    num_classes = denoiser.config.num_classes
+    if not num_classes:
+        raise ValueError(
+            "FID-MNIST and GAN-test accuracy need a class-conditional pipeline (GAN-test asks for each digit); this "
+            "one is unconditional. Score it against its data's own images: `--reference_data` (Inception FID / KID)."
+        )
+    if num_classes != classifier.num_classes:
         raise ValueError(
             f"The MNIST classifier scores {classifier.num_classes} classes; this pipeline has num_classes={num_classes}."
         )

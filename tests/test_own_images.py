@@ -93,3 +93,72 @@ def test_mnist_metrics_are_refused_for_other_data_and_unlabelled_data(shape_fold
         train_main(tiny_run_args(**{"eval.fid_n": 2, "data.labels": "ignore", "output_dir": str(tmp_path / "b")}))
     with pytest.raises(ConfigError, match=r"data.validation_split 'test': Split 'test' is not in .* null to hold out"):
         train_main(tiny_run_args(**{"data.dataset": str(flat), "output_dir": str(tmp_path / "c")}))
+
+
+class StandInFeatures(torch.nn.Module):
+    """A cheap deterministic stand-in for the optional InceptionV3 (8x8 average-pooled pixels), counting images."""
+
+    num_features = 3 * 8 * 8
+    images_seen = 0
+
+    def __init__(self, device="cpu"):
+        super().__init__()
+
+    def forward(self, images):
+        StandInFeatures.images_seen += images.shape[0]
+        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
+def test_any_data_is_scored_against_its_own_images_and_the_reference_is_computed_once(
+    shape_folders, tmp_path, monkeypatch, capsys
+):
+    from commands import evaluate
+    from evaluation import inception_fid
+
+    flat, _ = shape_folders
+    _train(flat, tmp_path / "run")
+    monkeypatch.setattr(inception_fid, "InceptionFeatureExtractor", StandInFeatures)
+    arguments = [str(tmp_path / "run" / "best"), "--num_samples_per_class", "12", "--num_inference_steps", "2"]
+    arguments += ["--reference_data", str(flat), "--inception_reference_samples", "40"]
+
+    StandInFeatures.images_seen = 0
+    results = evaluate.main([*arguments, "--output_dir", str(tmp_path / "eval1")])
+    assert StandInFeatures.images_seen == 40 + 12  # the reference features, then the samples'
+    assert results["inception_fid"] > 0 and results["inception_kid_mean"] is not None
+    assert results["inception_fid_num_samples"] == 12 and results["inception_fid_num_reference_samples"] == 40
+    printed = capsys.readouterr()
+    assert "Inception FID" in printed.out and "(N=12 vs 40 real)" in printed.out
+    assert "warning: only N = 12 generated samples" in printed.err
+    markdown = (tmp_path / "eval1" / "evaluation.md").read_text()
+    assert "| Inception FID (lower is better) |" in markdown and "12 generated vs 40 real" in markdown
+
+    StandInFeatures.images_seen = 0
+    again = evaluate.main([*arguments, "--output_dir", str(tmp_path / "eval2")])
+    assert StandInFeatures.images_seen == 12  # the reference statistics came from the cache
+    assert again["inception_fid"] == results["inception_fid"]
+
+    # Another reference set (fewer images) is another cache entry.
+    StandInFeatures.images_seen = 0
+    evaluate.main([*arguments[:-1], "30", "--output_dir", str(tmp_path / "eval3")])
+    assert StandInFeatures.images_seen == 30 + 12
+
+    # The MNIST-classifier metrics refuse this pipeline, and point at --reference_data.
+    with pytest.raises(ValueError, match="makes 3-channel images"):
+        evaluate.main([str(tmp_path / "run" / "best"), "--output_dir", str(tmp_path / "eval4")])
+
+
+def test_scoring_against_data_without_the_inception_extra_says_how_to_install_it(shape_folders, tmp_path, monkeypatch):
+    from commands import evaluate
+    from evaluation import inception_fid
+
+    flat, _ = shape_folders
+    _train(flat, tmp_path / "run")
+    monkeypatch.setattr(inception_fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        ValueError, match=r"--reference_data scores with Inception features: .*scratch-diffusion\[inception\]"
+    ):
+        evaluate.main(
+            [str(tmp_path / "run" / "best"), "--num_samples_per_class", "2", "--num_inference_steps", "1"]
+            + ["--reference_data", str(flat), "--output_dir", str(tmp_path / "eval")]
+        )

@@ -379,7 +379,8 @@ def check_loop_settings(config) -> None:
         raise ConfigError(
             f"eval.fid_n {config.eval.fid_n}: FID-MNIST and GAN-test accuracy score MNIST digits with the shipped "
             f"MNIST classifier, and data.dataset {config.data.dataset!r} is not MNIST, so their numbers would be "
-            "meaningless; set eval.fid_n 0."
+            "meaningless; set eval.fid_n 0, and score the saved pipeline against its data's own images with "
+            f"`python -m commands.evaluate {config.output_dir}/best --reference_data {config.data.dataset}`."
         )
     if config.eval.fid_n > 0 and config.data.labels == "ignore":
         raise ConfigError(
