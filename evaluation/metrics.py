@@ -321,7 +321,7 @@ def small_sample_warning(num_samples: int) -> str | None:
     if num_samples >= MIN_RELIABLE_SAMPLES:
         return None
     return (
-        f"only N = {num_samples} generated samples: FID-MNIST and KID are biased upward below "
+        f"only N = {num_samples} generated samples: FID and KID are biased upward below "
         f"N = {MIN_RELIABLE_SAMPLES:,}; compare them only with numbers at the same N"
     )
 

