@@ -259,17 +259,18 @@ def evaluate_against_data(pipeline, args, output_dir: Path, started: float) -> d
         sampling_time_s=sampling_time,
         environment=environment_line(),
     )
-    if results["small_sample_warning"]:
-        print(f"warning: {results['small_sample_warning']}.", file=sys.stderr)
+    for problem in (results["not_computable"], results["small_sample_warning"]):
+        if problem:
+            print(f"warning: {problem}.", file=sys.stderr)
     n, n_ref = results["inception_fid_num_samples"], results["inception_fid_num_reference_samples"]
     lines = [
         f"# Evaluation of `{args.pipeline}` against `{args.reference_data}` ({args.reference_split})",
         "",
-        *([f"**Warning: {results['small_sample_warning']}.**", ""] if results["small_sample_warning"] else []),
+        *[f"**Warning: {p}.**\n" for p in (results["not_computable"], results["small_sample_warning"]) if p],
         "| metric | value | samples |",
         "|---|---|---|",
-        f"| Inception FID (lower is better) | {results['inception_fid']:.2f} | {n} generated vs {n_ref} real |",
-        f"| Inception KID | {results['inception_kid_mean']:.4g} ± {results['inception_kid_std']:.2g} | "
+        f"| Inception FID (lower is better) | {_number(results['inception_fid'], 2)} | {n} generated vs {n_ref} real |",
+        f"| Inception KID | {_mean_std(results['inception_kid_mean'], results['inception_kid_std'], '.4g', '.2g')} | "
         f"{n} generated vs {n_ref} real |",
         "",
         f"Sampling: {results['scheduler']}, {args.num_inference_steps} steps, guidance {results['guidance_scale']}, "
@@ -288,8 +289,8 @@ def evaluate_against_data(pipeline, args, output_dir: Path, started: float) -> d
     grid = image_grid(images[: cols * (images.shape[0] // cols)][: cols * GRID_IMAGES_PER_CLASS], cols=cols)
     write_file_atomically(grid_path, lambda temporary: grid.save(temporary, format="PNG"))
     print(
-        f"Inception FID {results['inception_fid']:.2f} (N={n} vs {n_ref} real) | KID "
-        f"{results['inception_kid_mean']:.4g} (N={n})"
+        f"Inception FID {_number(results['inception_fid'], 2)} (N={n} vs {n_ref} real) | KID "
+        f"{_number(results['inception_kid_mean'], 4)} (N={n})"
     )
     print(f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)}")
     return results

@@ -221,18 +221,26 @@ def inception_metrics(
 
     if images.shape[0] < 2:
         raise ValueError(f"Inception FID needs at least 2 generated samples, got {images.shape[0]}.")
-    nonfinite = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum())
-    if nonfinite:
-        raise ValueError(f"{nonfinite} of {images.shape[0]} generated samples hold NaN or infinite pixels.")
     extractor = extractor if extractor is not None else InceptionFeatureExtractor(device)
     real = dataset_reference_features(reference_dataset, extractor, num_reference_samples, device, batch_size, progress)
-    fake = _features(extractor, _quantised(images, value_range), batch_size, device, "sample features", progress)
-    kid_mean, kid_std = kernel_inception_distance(real, fake)
-    return {
-        "inception_fid": frechet_distance(real, fake),
-        "inception_kid_mean": kid_mean,
-        "inception_kid_std": kid_std,
-        "inception_fid_num_samples": int(fake.shape[0]),
+    results = {
+        "inception_fid": None,
+        "inception_kid_mean": None,
+        "inception_kid_std": None,
+        "inception_fid_num_samples": int(images.shape[0]),
         "inception_fid_num_reference_samples": int(real.shape[0]),
-        "small_sample_warning": small_sample_warning(int(fake.shape[0])),
+        "small_sample_warning": small_sample_warning(int(images.shape[0])),
+        "num_nonfinite_samples": int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum()),
+        "not_computable": None,
     }
+    if results["num_nonfinite_samples"]:
+        # Detected before any metric, as for FID-MNIST: NaN must not reach the matrix square root.
+        results["not_computable"] = (
+            f"{results['num_nonfinite_samples']} of {images.shape[0]} generated samples hold NaN or infinite pixels "
+            "(a diverged model or broken weights): no metric is computable"
+        )
+        return results
+    fake = _features(extractor, _quantised(images, value_range), batch_size, device, "sample features", progress)
+    results["inception_kid_mean"], results["inception_kid_std"] = kernel_inception_distance(real, fake)
+    results["inception_fid"] = frechet_distance(real, fake)
+    return results

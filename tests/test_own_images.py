@@ -85,10 +85,38 @@ def test_a_folder_of_class_subfolders_trains_class_conditionally_and_labels_can_
     assert ignored.denoiser.config.num_classes is None
 
 
-def test_mnist_metrics_are_refused_for_other_data_and_unlabelled_data(shape_folders, tmp_path):
+def test_metrics_during_training_on_other_data_need_the_inception_extra(shape_folders, tmp_path, monkeypatch):
+    from evaluation import inception_fid
+
     flat, by_class = shape_folders
-    with pytest.raises(ConfigError, match=r"eval.fid_n 2: .* data.dataset '.*' is not MNIST"):
+    monkeypatch.setattr(inception_fid.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        ConfigError, match=r"eval.fid_n 2: data.dataset '.*' is not MNIST, so it is scored with Incep.*pip"
+    ):
         _train(by_class, tmp_path / "a", "--eval.fid_n", "2")
+
+
+def test_training_on_other_data_records_inception_fid_against_the_training_images(shape_folders, tmp_path, monkeypatch):
+    import csv
+
+    from evaluation import inception_fid
+
+    flat, _ = shape_folders
+    monkeypatch.setattr(inception_fid, "find_inception_weights", lambda: tmp_path / "stand-in.pt")
+    monkeypatch.setattr(inception_fid, "InceptionFeatureExtractor", StandInFeatures)
+    StandInFeatures.images_seen = 0
+    # 16 images at batch 4: 8 steps are 2 epochs, each evaluated.
+    _train(flat, tmp_path / "run", "--eval.fid_n", "6", "--eval.fid_reference_samples", "50", "--train.max_steps", "8")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert len(rows) == 2 and all(float(row["fid"]) > 0 for row in rows)
+    assert all(row["metric_num_samples"] == "6" and row["gan_test_acc"] == "" for row in rows)
+    # The reference features once (then cached), the samples at each of the 2 evaluations.
+    assert StandInFeatures.images_seen == 50 + 2 * 6
+    assert "| Inception FID |" in (tmp_path / "run" / "best" / "README.md").read_text()
+
+
+def test_mnist_metrics_are_refused_for_unlabelled_data(shape_folders, tmp_path):
+    flat, by_class = shape_folders
     with pytest.raises(ConfigError, match=r"data.labels is 'ignore'"):
         train_main(tiny_run_args(**{"eval.fid_n": 2, "data.labels": "ignore", "output_dir": str(tmp_path / "b")}))
     with pytest.raises(ConfigError, match=r"data.validation_split 'test': Split 'test' is not in .* null to hold out"):

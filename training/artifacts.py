@@ -136,7 +136,8 @@ def card_metrics(results: dict) -> list[dict]:
     """Evaluation results in the model card's metric format."""
     names = {
         "fid_mnist": "FID-MNIST",
-        "fid": "FID",
+        "inception_fid": "Inception FID",
+        "inception_kid_mean": "Inception KID",
         "gan_test_acc": "GAN-test accuracy",
         "inception_score": "Inception Score",
     }

@@ -376,13 +376,17 @@ def check_loop_settings(config) -> None:
             "eval.fid_n must be 0 (no metrics) or >= 2 samples per class (FID-MNIST fits a covariance), got 1."
         )
     if config.eval.fid_n > 0 and config.data.dataset not in MNIST_DATASETS:
-        raise ConfigError(
-            f"eval.fid_n {config.eval.fid_n}: FID-MNIST and GAN-test accuracy score MNIST digits with the shipped "
-            f"MNIST classifier, and data.dataset {config.data.dataset!r} is not MNIST, so their numbers would be "
-            "meaningless; set eval.fid_n 0, and score the saved pipeline against its data's own images with "
-            f"`python -m commands.evaluate {config.output_dir}/best --reference_data {config.data.dataset}`."
-        )
-    if config.eval.fid_n > 0 and config.data.labels == "ignore":
+        # The MNIST classifier cannot score other data: it gets Inception FID / KID against its own images.
+        from evaluation.inception_fid import InceptionUnavailableError, find_inception_weights
+
+        try:
+            find_inception_weights()
+        except InceptionUnavailableError as error:
+            raise ConfigError(
+                f"eval.fid_n {config.eval.fid_n}: data.dataset {config.data.dataset!r} is not MNIST, so it is scored "
+                f"with Inception FID / KID against its own images, and {error}; or set eval.fid_n 0."
+            ) from None
+    if config.eval.fid_n > 0 and config.data.labels == "ignore" and config.data.dataset in MNIST_DATASETS:
         raise ConfigError(
             "eval.fid_n > 0 needs a class-conditional model (GAN-test accuracy asks for each digit), but "
             "data.labels is 'ignore'; set eval.fid_n 0 or data.labels auto."

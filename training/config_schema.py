@@ -242,7 +242,11 @@ class EvalConfig:
     fid_n: int = bounded(
         0,
         0,
-        doc="samples per class for FID-MNIST and GAN-test accuracy (the shipped MNIST classifier); 0 skips the metrics",
+        doc="samples per class (unconditional: in all) for the metrics: FID-MNIST, GAN-test accuracy, ... on MNIST, "
+        "Inception FID / KID against the training images on other data (the inception extra); 0 skips them",
+    )
+    fid_reference_samples: int = bounded(
+        10000, 2, doc="other data: training images whose Inception features are the reference (computed once, cached)"
     )
     batch_size: int = bounded(256, 1, doc="images per batch when sampling and computing the validation loss")
 

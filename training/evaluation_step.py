@@ -28,18 +28,27 @@ def validation_loss(model, objective, batches, vae, seed: int) -> float:
     return total / count
 
 
-def quality_metrics(pipeline, eval_config) -> dict:
-    """FID-MNIST / GAN-test accuracy / ... from `evaluation` (imported only when asked for)."""
+def quality_metrics(pipeline, eval_config, reference_dataset=None) -> dict:
+    """FID-MNIST / GAN-test accuracy / ... on MNIST, or Inception FID / KID against `reference_dataset` (other data),
+    from `evaluation` (imported only when asked for)."""
     from evaluation import evaluate_pipeline
+    from evaluation.inception_fid import inception_metrics
+    from evaluation.metrics import generate_samples
 
-    return evaluate_pipeline(
-        pipeline,
+    settings = dict(
         num_samples_per_class=eval_config.fid_n,
         num_inference_steps=eval_config.num_inference_steps,
         guidance_scale=eval_config.guidance_scale,
         seed=eval_config.seed,
         batch_size=eval_config.batch_size,
     )
+    if reference_dataset is None:
+        return evaluate_pipeline(pipeline, **settings)
+    images, _ = generate_samples(pipeline, **settings)
+    results = inception_metrics(
+        images, reference_dataset, device=pipeline.device, num_reference_samples=eval_config.fid_reference_samples
+    )
+    return {**results, "num_samples": results["inception_fid_num_samples"]}
 
 
 def improves_on(best: dict, results: dict) -> tuple[str, float | None] | None:
@@ -85,9 +94,9 @@ def evaluate(
             pipeline.denoiser, setup.objective, validation_batches, setup.vae, config.eval.seed
         )
     if config.eval.fid_n > 0:
-        metrics = quality_metrics(pipeline, config.eval)
+        metrics = quality_metrics(pipeline, config.eval, setup.reference_dataset)
         results.update(
-            fid=metrics.get("fid_mnist", metrics.get("fid")),
+            fid=metrics.get("fid_mnist", metrics.get("inception_fid")),
             gan_test_acc=metrics.get("gan_test_acc"),
             inception_score=metrics.get("inception_score"),
             metric_num_samples=metrics.get("num_samples"),

@@ -23,7 +23,7 @@ from image_data.loading import SplitNotFoundError
 from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
 
 from .artifacts import save_pipeline_folder
-from .config import Config, ConfigError, RunConfig, model_class
+from .config import MNIST_DATASETS, Config, ConfigError, RunConfig, model_class
 from .objectives import DiffusionObjective, FlowMatchingObjective
 
 
@@ -250,6 +250,8 @@ class TrainingSetup:
     description: str
     # Recorded in every saved pipeline (`pipeline_objective`).
     pipeline_objective: dict
+    # Other data than MNIST with `eval.fid_n > 0`: the unflipped training images, Inception FID's reference.
+    reference_dataset: torch.utils.data.Dataset | None = None
     # `save_folder(pipeline, destination, *, config, grid, metrics, details)` writes `last/` and `best/`.
     save_folder: Callable = save_pipeline_folder
 
@@ -266,7 +268,7 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
             f"The data has no label column (its columns: {columns}): training an unconditional model. Set "
             "data.label_column to train on labels, or data.labels ignore to say that this is what you want."
         )
-    if num_classes is None and config.eval.fid_n > 0:
+    if num_classes is None and config.eval.fid_n > 0 and config.data.dataset in MNIST_DATASETS:
         raise ConfigError(
             f"eval.fid_n {config.eval.fid_n}: the data has no labels (an unconditional model), and GAN-test accuracy "
             "asks for each digit; set eval.fid_n 0, or give the data a label column (data.label_column)."
@@ -291,6 +293,23 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
         architecture=config.model.architecture,
         description=f"{config.model.architecture} `{config.model.preset}`, {config.objective.name} objective",
         pipeline_objective=pipeline_objective(config.objective.name, config.objective.prediction_type),
+        reference_dataset=reference_images(config),
+    )
+
+
+def reference_images(config) -> torch.utils.data.Dataset | None:
+    """The training split without random flips, as the Inception reference of other data than MNIST (else None)."""
+    if config.eval.fid_n == 0 or config.data.dataset in MNIST_DATASETS:
+        return None
+    data = config.data
+    return load_image_dataset(
+        dataset_name=data.dataset,
+        split=data.train_split,
+        resolution=data.resolution,
+        pad_to=data.pad_to,
+        channels=data.channels,
+        labels="ignore",
+        unreadable_images=data.unreadable_images,
     )
 
 
