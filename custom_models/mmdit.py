@@ -203,17 +203,14 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
             raise ValueError(f"num_layers must be >= 1; got {num_layers}.")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be None or >= 1; got {num_classes}.")
-        if num_classes and num_class_tokens < 1:
-            raise ValueError(f"num_class_tokens must be >= 1 for a class-conditional MMDiT; got {num_class_tokens}.")
+        if joint_attention_dim is None and num_class_tokens < 1:
+            raise ValueError(
+                f"num_class_tokens must be >= 1 for an MMDiT without text context; got {num_class_tokens}."
+            )
         if (joint_attention_dim is None) != (pooled_projection_dim is None):
             raise ValueError(
                 "Text conditioning needs both joint_attention_dim and pooled_projection_dim; got "
                 f"joint_attention_dim={joint_attention_dim}, pooled_projection_dim={pooled_projection_dim}."
-            )
-        if not num_classes and joint_attention_dim is None:
-            raise ValueError(
-                "An MMDiT needs a context stream: set num_classes (learned class tokens) and/or "
-                "joint_attention_dim + pooled_projection_dim (external text embeddings)."
             )
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.gradient_checkpointing = False
@@ -225,6 +222,9 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
             self.class_embed = LabelEmbedding(num_classes, hidden_size)
             # One learned context sequence per class, the null class included (row num_classes).
             self.class_tokens = nn.Embedding(num_classes + 1, num_class_tokens * hidden_size)
+        elif joint_attention_dim is None:
+            # Unconditional: the joint attention still needs a context stream, one learned sequence for every image.
+            self.unconditional_tokens = nn.Embedding(1, num_class_tokens * hidden_size)
         if joint_attention_dim is not None:
             self.context_embedder = nn.Linear(joint_attention_dim, hidden_size)
             self.pooled_embed = PooledProjection(pooled_projection_dim, hidden_size)
@@ -304,6 +304,12 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
                     f"pooled_projection_dim={config.pooled_projection_dim}]; got {got}."
                 )
             return self.context_embedder(encoder_hidden_states), self.pooled_embed(pooled_projections)
+        if not config.num_classes and config.joint_attention_dim is None:
+            if class_labels is not None:
+                raise ValueError("This MMDiT is unconditional (num_classes is None): pass no `class_labels`.")
+            context = self.unconditional_tokens.weight.view(1, config.num_class_tokens, config.hidden_size)
+            context = context.expand(batch_size, -1, -1)
+            return context, torch.zeros(batch_size, config.hidden_size, device=device, dtype=context.dtype)
         if not config.num_classes:
             raise ValueError(
                 "This MMDiT is text-conditioned (num_classes is None): pass `encoder_hidden_states` "

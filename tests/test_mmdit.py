@@ -155,9 +155,21 @@ def test_context_errors():
         class_model(sample, 5, encoder_hidden_states=torch.randn(2, 4, 24), pooled_projections=torch.randn(2, 16))
 
 
+def test_an_unconditional_mmdit_attends_to_one_learned_context_sequence():
+    model = ScratchMMDiTModel.from_preset("tiny", num_classes=None, sample_size=8, in_channels=1).eval()
+    assert model.unconditional_tokens.weight.shape == (1, 2 * 32) and not hasattr(model, "class_tokens")
+    torch.nn.init.normal_(model.final_layer.linear.weight)  # adaLN-Zero would make every output 0
+    sample = torch.randn(3, 1, 8, 8)
+    out = model(sample, torch.tensor([1, 500, 999])).sample
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+    # The context is the same for every image: a batch equals its images one by one.
+    single = torch.cat([model(sample[i : i + 1], torch.tensor([t])).sample for i, t in enumerate([1, 500, 999])])
+    torch.testing.assert_close(out, single, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unconditional .*pass no `class_labels`"):
+        model(sample, 5, class_labels=torch.tensor([0, 1, 2]))
+
+
 def test_config_errors():
-    with pytest.raises(ValueError, match="context stream"):
-        ScratchMMDiTModel.from_preset("tiny", num_classes=None)
     with pytest.raises(ValueError, match="both joint_attention_dim and pooled_projection_dim"):
         ScratchMMDiTModel.from_preset("tiny", joint_attention_dim=24)
     with pytest.raises(ValueError, match="num_class_tokens"):

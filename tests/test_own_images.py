@@ -49,6 +49,16 @@ def _train(folder, output_dir, *extra):
     return DiffusionPipeline.from_pretrained(output_dir / "best")
 
 
+@pytest.mark.parametrize("architecture", ["dit", "mmdit"])
+def test_every_denoiser_trains_unconditionally(shape_folders, tmp_path, architecture):
+    flat, _ = shape_folders
+    pipe = _train(flat, tmp_path / "run", "--model.architecture", architecture)
+    assert pipe.denoiser.config.num_classes is None
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=torch.manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+
 def test_an_unlabelled_folder_trains_an_unconditional_model(shape_folders, tmp_path):
     flat, _ = shape_folders
     pipe = _train(flat, tmp_path / "run")
