@@ -26,14 +26,33 @@ def check_head_config(dim: int, num_attention_heads: int, num_kv_heads: int) -> 
         )
 
 
-def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def grouped_query_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """SDPA over `[batch, heads, tokens, head_dim]` tensors where K/V may have fewer heads than Q.
 
     `enable_gqa=True` lets each K/V head serve its group of query heads without materialising the
     repeated K/V (measured 1.4x faster than `repeat_interleave` on CPU at 8 query / 2 K/V heads).
+    `key_mask` (bool `[batch, key_tokens]`, True = attend) hides keys such as a prompt's padding.
     """
     grouped = key.shape[1] != query.shape[1]
-    return F.scaled_dot_product_attention(query, key, value, enable_gqa=grouped)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=grouped)
+
+
+def check_key_mask(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """`encoder_attention_mask` as bool `[batch, tokens]` (True or 1 = a real token, False or 0 = padding)."""
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask) or tuple(mask.shape) != (batch, tokens):
+        got = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(
+            f"`encoder_attention_mask` must have shape [{batch}, {tokens}] (one flag per token); got {got}."
+        )
+    mask = mask.bool()
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("Every row of `encoder_attention_mask` must keep at least one token.")
+    return mask
 
 
 class Attention(nn.Module):
@@ -70,13 +89,18 @@ class Attention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         query = self.split_heads(self.to_q(hidden_states), self.num_attention_heads)
         key = self.split_heads(self.to_k(context), self.num_kv_heads)
         value = self.split_heads(self.to_v(context), self.num_kv_heads)
         if self.norm_q is not None:
             query, key = self.norm_q(query), self.norm_k(key)
-        out = grouped_query_attention(query, key, value)
+        out = grouped_query_attention(query, key, value, encoder_attention_mask)
         batch, _, tokens, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(batch, tokens, -1))

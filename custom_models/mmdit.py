@@ -15,7 +15,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from .attention import check_head_config, grouped_query_attention
+from .attention import check_head_config, check_key_mask, grouped_query_attention
 from .dit_gqa import (
     FeedForward,
     FinalLayer,
@@ -61,7 +61,9 @@ class JointAttention(nn.Module):
         # The last block's context tokens are only read (keys/values), never written back.
         self.to_add_out = None if context_pre_only else nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, num_image_tokens, dim = hidden_states.shape
         num_tokens = num_image_tokens + context.shape[1]
 
@@ -87,7 +89,11 @@ class JointAttention(nn.Module):
             [heads(self.to_v(hidden_states), self.num_kv_heads), heads(self.add_v_proj(context), self.num_kv_heads)],
             dim=1,
         )
-        out = grouped_query_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        # Image tokens are always attended to; masked context tokens (a prompt's padding) never.
+        key_mask = None
+        if context_mask is not None:
+            key_mask = torch.cat([context_mask.new_ones(batch, num_image_tokens), context_mask], dim=1)
+        out = grouped_query_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_mask)
         out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
         image_out = self.to_out(out[:, :num_image_tokens])
         context_out = None if self.to_add_out is None else self.to_add_out(out[:, num_image_tokens:])
@@ -117,7 +123,11 @@ class JointTransformerBlock(nn.Module):
             self.ff_context = FeedForward(dim, int(dim * mlp_ratio))
 
     def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor, conditioning: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        conditioning: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(conditioning).chunk(
             6, dim=1
@@ -133,6 +143,7 @@ class JointTransformerBlock(nn.Module):
         attn_output, context_attn_output = self.attn(
             modulate(self.norm1(hidden_states), shift_msa, scale_msa),
             modulate(self.norm1_context(context), c_shift_msa, c_scale_msa),
+            context_mask,
         )
         hidden_states = torch.addcmul(hidden_states, gate_msa.unsqueeze(1), attn_output)
         ff_output = self.ff(modulate(self.norm2(hidden_states), shift_mlp, scale_mlp))
@@ -327,14 +338,24 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
         encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
         pooled_projections: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple:
-        """Predict the denoising target for `sample` at `timestep`, given class labels or text embeddings."""
+        """Predict the denoising target for `sample` at `timestep`, given class labels or text embeddings.
+
+        `encoder_attention_mask` (`[batch, tokens]`, True or 1 = a real token) hides the padding of
+        `encoder_hidden_states` from the joint attention.
+        """
         config = self.config
         check_sample(sample, config.in_channels, config.sample_size)
         batch_size = sample.shape[0]
         context, pooled = self._context(
             batch_size, sample.device, class_labels, encoder_hidden_states, pooled_projections
         )
+        context_mask = None
+        if encoder_attention_mask is not None:
+            if encoder_hidden_states is None:
+                raise ValueError("`encoder_attention_mask` masks `encoder_hidden_states`: pass them too.")
+            context_mask = check_key_mask(encoder_attention_mask.to(sample.device), batch_size, context.shape[1])
         timesteps = timesteps_to_batch(timestep, batch_size, sample.device)
         # Every adaLN linear reads SiLU(c): compute it once instead of once per block.
         conditioning = F.silu(self.time_embed(timesteps) + pooled)
@@ -343,9 +364,11 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
         hidden_states = hidden_states + self.position_table(sample.device).to(hidden_states.dtype)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                hidden_states, context = self._gradient_checkpointing_func(block, hidden_states, context, conditioning)
+                hidden_states, context = self._gradient_checkpointing_func(
+                    block, hidden_states, context, conditioning, context_mask
+                )
             else:
-                hidden_states, context = block(hidden_states, context, conditioning)
+                hidden_states, context = block(hidden_states, context, conditioning, context_mask)
         hidden_states = self.final_layer(hidden_states, conditioning)
         output = unpatchify(
             hidden_states, config.sample_size // config.patch_size, config.patch_size, self.out_channels

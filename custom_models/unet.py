@@ -18,7 +18,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
-from .attention import Attention, check_head_config
+from .attention import Attention, check_head_config, check_key_mask
 from .embeddings import LabelEmbedding, TimestepEmbedding, check_class_labels, timesteps_to_batch
 from .loading import CheckedLoadingMixin
 
@@ -74,15 +74,20 @@ class UNetAttentionBlock(nn.Module):
             )
 
     @staticmethod
-    def _attend(attention: Attention, normed: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        attention: Attention, normed: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         batch, channels, height, width = normed.shape
         tokens = normed.flatten(2).transpose(1, 2)
-        return attention(tokens, context).transpose(1, 2).reshape(batch, channels, height, width)
+        return attention(tokens, context, context_mask).transpose(1, 2).reshape(batch, channels, height, width)
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self._attend(self.self_attention, self.norm(hidden_states), None)
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self._attend(self.self_attention, self.norm(hidden_states), None, None)
         if self.cross_attention is not None:
-            hidden_states = hidden_states + self._attend(self.cross_attention, self.norm_cross(hidden_states), context)
+            cross = self._attend(self.cross_attention, self.norm_cross(hidden_states), context, context_mask)
+            hidden_states = hidden_states + cross
         return hidden_states
 
 
@@ -347,6 +352,17 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
                 f"(in_channels={expected[0]}, sample_size={expected[1]}); got {tuple(sample.shape)}."
             )
 
+    def _context_mask(self, mask, encoder_hidden_states, batch: int, device) -> torch.Tensor | None:
+        """The cross-attention's key mask: `encoder_attention_mask`, with the class tokens (if any) always kept."""
+        if mask is None:
+            return None
+        if encoder_hidden_states is None:
+            raise ValueError("`encoder_attention_mask` masks `encoder_hidden_states`: pass them too.")
+        mask = check_key_mask(mask.to(device), batch, encoder_hidden_states.shape[1])
+        if self.class_tokens_dim is None:
+            return mask
+        return torch.cat([mask.new_ones(batch, self.config.num_class_tokens), mask], dim=1)
+
     def _context(
         self, class_labels: torch.Tensor | None, encoder_hidden_states: torch.Tensor | None, batch: int
     ) -> torch.Tensor | None:
@@ -382,14 +398,20 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         class_labels: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """Predict the model target for `sample` at `timestep`; `.sample` has the input's spatial shape."""
+        """Predict the model target for `sample` at `timestep`; `.sample` has the input's spatial shape.
+
+        `encoder_attention_mask` (`[batch, tokens]`, True or 1 = a real token) hides the padding of
+        `encoder_hidden_states` from the cross-attention.
+        """
         self._check_sample(sample)
         batch = sample.shape[0]
         class_labels = check_class_labels(class_labels, self.config.num_classes, batch)
         if class_labels is not None:
             class_labels = class_labels.to(sample.device)
         context = self._context(class_labels, encoder_hidden_states, batch)
+        context_mask = self._context_mask(encoder_attention_mask, encoder_hidden_states, batch, sample.device)
 
         embedding = self.time_embedding(timesteps_to_batch(timestep, batch, sample.device))
         if self.class_embedding is not None and self.class_tokens_dim is None:
@@ -403,7 +425,7 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             for i, resnet in enumerate(level.resnets):
                 hidden_states = self._run(resnet, hidden_states, embedding)
                 if level.attentions is not None:
-                    hidden_states = self._run(level.attentions[i], hidden_states, context)
+                    hidden_states = self._run(level.attentions[i], hidden_states, context, context_mask)
                 skips.append(hidden_states)
             if level.resample is not None:
                 hidden_states = level.resample(hidden_states)
@@ -411,14 +433,14 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
 
         hidden_states = self._run(self.mid_resnet_1, hidden_states, embedding)
         if self.mid_attention is not None:
-            hidden_states = self._run(self.mid_attention, hidden_states, context)
+            hidden_states = self._run(self.mid_attention, hidden_states, context, context_mask)
         hidden_states = self._run(self.mid_resnet_2, hidden_states, embedding)
 
         for level in self.up_blocks:
             for i, resnet in enumerate(level.resnets):
                 hidden_states = self._run(resnet, torch.cat([hidden_states, skips.pop()], dim=1), embedding)
                 if level.attentions is not None:
-                    hidden_states = self._run(level.attentions[i], hidden_states, context)
+                    hidden_states = self._run(level.attentions[i], hidden_states, context, context_mask)
             if level.resample is not None:
                 hidden_states = level.resample(hidden_states)
 

@@ -155,6 +155,25 @@ def test_context_errors():
         class_model(sample, 5, encoder_hidden_states=torch.randn(2, 4, 24), pooled_projections=torch.randn(2, 16))
 
 
+def test_masked_padding_of_the_text_context_changes_nothing():
+    model = randomized(ScratchMMDiTModel.from_preset("tiny", sample_size=8, in_channels=1, **TEXT)).eval()
+    sample, states, pooled = torch.randn(2, 1, 8, 8), torch.randn(2, 3, 24), torch.randn(2, 16)
+    padded = torch.cat([states, 50 * torch.randn(2, 4, 24)], dim=1)
+    mask = torch.tensor([[True] * 3 + [False] * 4] * 2)
+    with torch.no_grad():
+        short = model(sample, 5, encoder_hidden_states=states, pooled_projections=pooled).sample
+        masked = model(
+            sample, 5, encoder_hidden_states=padded, pooled_projections=pooled, encoder_attention_mask=mask
+        ).sample
+        unmasked = model(sample, 5, encoder_hidden_states=padded, pooled_projections=pooled).sample
+    torch.testing.assert_close(masked, short, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, short, atol=1e-3)
+    with pytest.raises(ValueError, match="pass them too"):
+        ScratchMMDiTModel.from_preset("tiny", sample_size=8, in_channels=1)(
+            sample, 5, class_labels=torch.tensor([0, 1]), encoder_attention_mask=mask
+        )
+
+
 def test_an_unconditional_mmdit_attends_to_one_learned_context_sequence():
     model = ScratchMMDiTModel.from_preset("tiny", num_classes=None, sample_size=8, in_channels=1).eval()
     assert model.unconditional_tokens.weight.shape == (1, 2 * 32) and not hasattr(model, "class_tokens")

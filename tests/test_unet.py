@@ -182,6 +182,33 @@ def test_external_encoder_hidden_states():
         build()(sample, 10, encoder_hidden_states=torch.randn(2, 5, 12))
 
 
+def test_masked_padding_of_encoder_hidden_states_changes_nothing():
+    model = randomize_zero_init(build(cross_attention_dim=12)).eval()
+    sample, states = noise(model), torch.randn(2, 3, 12)
+    padded = torch.cat([states, 50 * torch.randn(2, 4, 12)], dim=1)  # 4 padding tokens of large junk
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0]] * 2)
+    with torch.no_grad():
+        short = model(sample, 10, encoder_hidden_states=states).sample
+        masked = model(sample, 10, encoder_hidden_states=padded, encoder_attention_mask=mask).sample
+        unmasked = model(sample, 10, encoder_hidden_states=padded).sample
+    torch.testing.assert_close(masked, short, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, short, atol=1e-3)
+    # With class tokens prepended, the class tokens stay visible.
+    both = build(num_classes=10, class_conditioning="cross_attention", num_class_tokens=2, cross_attention_dim=12)
+    both = randomize_zero_init(both).eval()
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        short = both(sample, 10, class_labels=labels, encoder_hidden_states=states).sample
+        masked = both(sample, 10, class_labels=labels, encoder_hidden_states=padded, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(masked, short, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"must have shape \[2, 7\]"):
+        model(sample, 10, encoder_hidden_states=padded, encoder_attention_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="at least one token"):
+        model(sample, 10, encoder_hidden_states=padded, encoder_attention_mask=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="`encoder_attention_mask` masks `encoder_hidden_states`: pass them too"):
+        build()(sample, 10, encoder_attention_mask=mask)
+
+
 def test_class_tokens_and_encoder_hidden_states_are_attended_together():
     model = build(num_classes=10, class_conditioning="cross_attention", num_class_tokens=2, cross_attention_dim=12)
     contexts = []
