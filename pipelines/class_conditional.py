@@ -48,15 +48,16 @@ class ClassConditionalPipelineOutput(BaseOutput):
     trajectory: list | None = None
 
 
-class ClassConditionalPipeline(DiffusionPipeline):
-    """Shared sampler of the class-conditional pipelines; subclasses only name the denoiser component."""
+class DenoisingPipeline(DiffusionPipeline):
+    """The sampling loop shared by the class-conditional and the text-to-image pipelines: input checks, starting
+    noise, classifier-free guidance, scheduler steps, callbacks, the trajectory and decoding. Subclasses name the
+    denoiser component and say what the denoiser is conditioned on."""
 
     denoiser_name: str
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
 
-    def _setup(self, denoiser, scheduler, vae, id2label, objective, prediction_type):
-        self.register_modules(**{self.denoiser_name: denoiser}, scheduler=scheduler, vae=vae)
+    def _record_objective(self, objective, prediction_type) -> None:
         if objective not in (None, *OBJECTIVES):
             raise ValueError(f"`objective` must be one of {list(OBJECTIVES)} or None, got {objective!r}.")
         if objective == "diffusion" and prediction_type not in PREDICTION_TYPES:
@@ -70,22 +71,6 @@ class ClassConditionalPipeline(DiffusionPipeline):
         # Recorded so that model cards, LoRA training and scheduler swaps need not guess it from the scheduler.
         self.register_to_config(objective=objective, prediction_type=prediction_type)
         self.image_processor = VaeImageProcessor(do_normalize=True)
-        num_classes = denoiser.config.num_classes
-        if id2label:
-            if not num_classes:
-                raise ValueError("`id2label` was given but the denoiser is unconditional (`num_classes` is None).")
-            # JSON object keys are strings: store them that way so the config survives a save/load round trip.
-            id2label = {str(int(key)): str(value) for key, value in id2label.items()}
-            bad_ids = sorted(int(key) for key in id2label if not 0 <= int(key) < num_classes)
-            if bad_ids:
-                raise ValueError(f"`id2label` has ids {bad_ids} outside the denoiser's classes 0..{num_classes - 1}.")
-        self.register_to_config(id2label=id2label or None)
-        # Label name -> id, with comma-separated synonyms, the same mapping as diffusers' `DiTPipeline.labels`.
-        self.labels = {}
-        for key, value in (id2label or {}).items():
-            for name in value.split(","):
-                self.labels[name.strip()] = int(key)
-        self.labels = dict(sorted(self.labels.items()))
 
     @property
     def denoiser(self):
@@ -106,6 +91,143 @@ class ClassConditionalPipeline(DiffusionPipeline):
     def interrupt(self):
         """Set `pipe._interrupt = True` from a step callback to skip the remaining steps."""
         return self._interrupt
+
+    def _check_loop_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"`guidance_scale` must be a number (1.0 = no guidance), got {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(
+                f"`guidance_scale` must be a finite number >= 0 (1.0 = no guidance), got {guidance_scale}."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type` {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
+        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown_inputs:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown_inputs} not available; choose from {self._callback_tensor_inputs}."
+            )
+
+    def _latent_shape(self, batch_size):
+        config = self.denoiser.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (batch_size, config.in_channels, height, width)
+
+    def _prepare_latents(self, batch_size, generator, latents, device):
+        shape = self._latent_shape(batch_size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
+                "(or a single generator for the whole batch)."
+            )
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has shape {tuple(latents.shape)}; this call needs {shape}.")
+        return latents.to(device=device, dtype=self.denoiser.dtype)
+
+    def _guide(self, model_output, num_channels, guidance_scale, do_guidance):
+        """Combine the conditional and unconditional halves; keep a learned variance only if the scheduler uses it."""
+        if model_output.shape[1] not in (num_channels, 2 * num_channels):
+            raise ValueError(
+                f"The denoiser returned {model_output.shape[1]} channels for {num_channels}-channel samples; "
+                f"expected {num_channels}, or {2 * num_channels} with a learned variance."
+            )
+        prediction, variance = model_output[:, :num_channels], model_output[:, num_channels:]
+        if do_guidance:
+            conditional, unconditional = prediction.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+            # The variance is not guided: take the conditional pass's (as in DiT).
+            variance = variance.chunk(2)[0]
+        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        if variance.shape[1] and variance_type in LEARNED_VARIANCE_TYPES:
+            return torch.cat([prediction, variance], dim=1)
+        return prediction
+
+    def _decode(self, latents, output_type):
+        """Latents -> images in `output_type`; through the VAE when there is one."""
+        if output_type == "latent":
+            return latents
+        images = latents
+        if self.vae is not None:
+            latents = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None) is not None:
+                latents = latents + self.vae.config.shift_factor
+            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    def _denoise(
+        self,
+        latents,
+        denoiser_kwargs: dict,
+        do_guidance: bool,
+        num_inference_steps: int,
+        generator,
+        output_type: str,
+        return_trajectory: bool,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ):
+        """Run the scheduler from `latents`; `denoiser_kwargs` condition the denoiser (with guidance: the conditional
+        then the unconditional half of a doubled batch). Returns (final latents, decoded trajectory or None)."""
+        device = latents.device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        trajectory = [self._decode(latents, output_type)] if return_trajectory else None
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                model_input = torch.cat([latents, latents]) if do_guidance else latents
+                if hasattr(self.scheduler, "scale_model_input"):
+                    model_input = self.scheduler.scale_model_input(model_input, t)
+                model_output = self.denoiser(
+                    model_input, t.expand(model_input.shape[0]), **denoiser_kwargs, return_dict=False
+                )[0]
+                model_output = self._guide(model_output, latents.shape[1], self._guidance_scale, do_guidance)
+                latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                if return_trajectory:
+                    trajectory.append(self._decode(latents, output_type))
+                progress_bar.update()
+        return latents, trajectory
+
+
+class ClassConditionalPipeline(DenoisingPipeline):
+    """Shared sampler of the class-conditional pipelines; subclasses only name the denoiser component."""
+
+    def _setup(self, denoiser, scheduler, vae, id2label, objective, prediction_type):
+        self.register_modules(**{self.denoiser_name: denoiser}, scheduler=scheduler, vae=vae)
+        self._record_objective(objective, prediction_type)
+        num_classes = denoiser.config.num_classes
+        if id2label:
+            if not num_classes:
+                raise ValueError("`id2label` was given but the denoiser is unconditional (`num_classes` is None).")
+            # JSON object keys are strings: store them that way so the config survives a save/load round trip.
+            id2label = {str(int(key)): str(value) for key, value in id2label.items()}
+            bad_ids = sorted(int(key) for key in id2label if not 0 <= int(key) < num_classes)
+            if bad_ids:
+                raise ValueError(f"`id2label` has ids {bad_ids} outside the denoiser's classes 0..{num_classes - 1}.")
+        self.register_to_config(id2label=id2label or None)
+        # Label name -> id, with comma-separated synonyms, the same mapping as diffusers' `DiTPipeline.labels`.
+        self.labels = {}
+        for key, value in (id2label or {}).items():
+            for name in value.split(","):
+                self.labels[name.strip()] = int(key)
+        self.labels = dict(sorted(self.labels.items()))
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map label names (from `id2label`) to class ids."""
@@ -155,65 +277,12 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return torch.tensor(ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_label)
 
     def _check_inputs(self, num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs):
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-            raise ValueError(f"`guidance_scale` must be a number (1.0 = no guidance), got {guidance_scale!r}.")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(
-                f"`guidance_scale` must be a finite number >= 0 (1.0 = no guidance), got {guidance_scale}."
-            )
+        self._check_loop_inputs(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         if not self.denoiser.config.num_classes and guidance_scale != 1.0:
             raise ValueError(
                 f"Classifier-free guidance needs a class-conditional denoiser; this one is unconditional, so "
                 f"`guidance_scale` must be 1.0 (got {guidance_scale})."
             )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown `output_type` {output_type!r}; choose one of {list(OUTPUT_TYPES)}.")
-        unknown_inputs = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
-        if unknown_inputs:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` {unknown_inputs} not available; choose from {self._callback_tensor_inputs}."
-            )
-
-    def _latent_shape(self, batch_size):
-        config = self.denoiser.config
-        size = config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, config.in_channels, height, width)
-
-    # ----------------------------------------------------------------------------------------------
-    # Sampling
-    # ----------------------------------------------------------------------------------------------
-    def _guide(self, model_output, num_channels, guidance_scale, do_guidance):
-        """Combine the conditional and null-label halves; keep a learned variance only if the scheduler uses it."""
-        if model_output.shape[1] not in (num_channels, 2 * num_channels):
-            raise ValueError(
-                f"The denoiser returned {model_output.shape[1]} channels for {num_channels}-channel samples; "
-                f"expected {num_channels}, or {2 * num_channels} with a learned variance."
-            )
-        prediction, variance = model_output[:, :num_channels], model_output[:, num_channels:]
-        if do_guidance:
-            conditional, unconditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
-            # The variance is not guided: take the conditional pass's (as in DiT).
-            variance = variance.chunk(2)[0]
-        variance_type = getattr(self.scheduler.config, "variance_type", None)
-        if variance.shape[1] and variance_type in LEARNED_VARIANCE_TYPES:
-            return torch.cat([prediction, variance], dim=1)
-        return prediction
-
-    def _decode(self, latents, output_type):
-        """Latents -> images in `output_type`; through the VAE when there is one."""
-        if output_type == "latent":
-            return latents
-        images = latents
-        if self.vae is not None:
-            latents = latents / self.vae.config.scaling_factor
-            if getattr(self.vae.config, "shift_factor", None) is not None:
-                latents = latents + self.vae.config.shift_factor
-            images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self.image_processor.postprocess(images, output_type=output_type)
 
     @torch.no_grad()
     def __call__(
@@ -274,55 +343,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
         labels = self._resolve_class_labels(class_labels, num_images_per_label, device)
         batch_size = num_images_per_label if labels is None else labels.shape[0]
-        shape = self._latent_shape(batch_size)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"Got a list of {len(generator)} generators for {batch_size} images; pass one generator per image "
-                "(or a single generator for the whole batch)."
-            )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=denoiser.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}; this call needs {shape}.")
-        else:
-            latents = latents.to(device=device, dtype=denoiser.dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
-
+        latents = self._prepare_latents(batch_size, generator, latents, device)
         do_guidance = labels is not None and guidance_scale != 1.0
         model_labels = labels
         if do_guidance:
-            null_labels = torch.full_like(labels, denoiser.config.num_classes)
-            model_labels = torch.cat([labels, null_labels])
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
-
-        trajectory = [self._decode(latents, output_type)] if return_trajectory else None
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                model_input = torch.cat([latents, latents]) if do_guidance else latents
-                if hasattr(self.scheduler, "scale_model_input"):
-                    model_input = self.scheduler.scale_model_input(model_input, t)
-                model_output = denoiser(
-                    model_input, t.expand(model_input.shape[0]), class_labels=model_labels, return_dict=False
-                )[0]
-                model_output = self._guide(model_output, latents.shape[1], guidance_scale, do_guidance)
-                latents = self.scheduler.step(model_output, t, latents, **step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    step_tensors = {"latents": latents}
-                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                if return_trajectory:
-                    trajectory.append(self._decode(latents, output_type))
-                progress_bar.update()
+            model_labels = torch.cat([labels, torch.full_like(labels, denoiser.config.num_classes)])  # null label
+        latents, trajectory = self._denoise(
+            latents,
+            {"class_labels": model_labels},
+            do_guidance,
+            num_inference_steps,
+            generator,
+            output_type,
+            return_trajectory,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
         images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
