@@ -1,4 +1,4 @@
-"""Class-conditional diffusion pipelines, registered on `diffusers` when this package is imported.
+"""Class-conditional and text-to-image diffusion pipelines, registered on `diffusers` when this package is imported.
 
 After `import pipelines`, plain `DiffusionPipeline.from_pretrained(folder_or_repo_id)` returns our pipeline
 class with its components: diffusers resolves a saved pipeline's `_class_name` as an attribute of the
@@ -25,12 +25,22 @@ from .class_conditional import (
 )
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import build_lora_model_card, build_model_card
+from .text_to_image import (
+    TextToImagePipeline,
+    TextToImagePipelineOutput,
+    TextToImageTransformerPipeline,
+    TextToImageUNetPipeline,
+)
 
 __all__ = [
     "ClassConditionalPipeline",
     "ClassConditionalPipelineOutput",
     "ClassConditionalTransformerPipeline",
     "ClassConditionalUNetPipeline",
+    "TextToImagePipeline",
+    "TextToImagePipelineOutput",
+    "TextToImageTransformerPipeline",
+    "TextToImageUNetPipeline",
     "TransformerLoraLoaderMixin",
     "UNetLoraLoaderMixin",
     "build_lora_model_card",
@@ -56,7 +66,13 @@ def _register(namespace, name: str, value) -> None:
 
 def register_with_diffusers() -> None:
     """Expose the pipeline classes on `diffusers` and the component modules on `diffusers.pipelines`."""
-    for pipeline_class in (ClassConditionalUNetPipeline, ClassConditionalTransformerPipeline):
+    pipeline_classes = (
+        ClassConditionalUNetPipeline,
+        ClassConditionalTransformerPipeline,
+        TextToImageUNetPipeline,
+        TextToImageTransformerPipeline,
+    )
+    for pipeline_class in pipeline_classes:
         _register(diffusers, pipeline_class.__name__, pipeline_class)
     for package in (custom_models, custom_schedulers):
         for value in vars(package).values():
