@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 INK_THRESHOLD = 128
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -142,3 +143,24 @@ def style_bin_shares(images) -> dict[str, dict[str, float]]:
             counts[attribute][word] = counts[attribute].get(word, 0) + 1
     total = len(images)
     return {attribute: {w: n / total for w, n in sorted(c.items())} for attribute, c in counts.items()}
+
+
+class CaptionedDigits:
+    """A digit dataset (items `{"pixel_values" in [-1, 1], "class_labels"}`) whose items also carry a `caption`: one
+    per image, fixed by `seed` and the image's index, from its label and the style measured on its pixels."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+        self.num_classes, self.id2label = None, None  # conditioned on text, not on labels
+        self.columns = getattr(dataset, "columns", [])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        # Back to the 8-bit pixels the measurements are defined on; zero padding does not change them.
+        pixels = ((item["pixel_values"][0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        rng = random.Random(f"{self.seed}-{int(index)}")
+        item["caption"] = caption(int(item["class_labels"]), measure_style(pixels), rng)
+        return item

@@ -34,7 +34,12 @@ def infer_objective(pipeline) -> str:
 
 
 def _usage_snippet(
-    repo_id: str, num_classes: int | None, num_inference_steps: int, guidance_scale: float, lora: str | None = None
+    repo_id: str,
+    num_classes: int | None,
+    num_inference_steps: int,
+    guidance_scale: float,
+    lora: str | None = None,
+    text: bool = False,
 ) -> str:
     """Code that loads `repo_id` (with adapter `lora` on top, if given) and samples a few images, runnable as written."""
     adapter = []
@@ -43,7 +48,12 @@ def _usage_snippet(
             f'pipe.load_lora_weights("{lora}", adapter_name="lora")',
             'pipe.set_adapters("lora", adapter_weights=1.0)  # 0.0 gives the base model back; or pipe.fuse_lora()',
         ]
-    if num_classes:
+    if text:
+        call = (
+            f'images = pipe(prompt=["a bold 7", "a thin three leaning left"], num_inference_steps={num_inference_steps}, '
+            f"guidance_scale={guidance_scale}, generator=torch.manual_seed(0)).images"
+        )
+    elif num_classes:
         labels = list(range(min(num_classes, 4)))
         call = (
             f"images = pipe(class_labels={labels}, num_images_per_label=2, num_inference_steps={num_inference_steps}, "
@@ -102,19 +112,16 @@ def build_model_card(
         raise ValueError(f"Unknown objective {objective!r}; choose one of {list(OBJECTIVE_TAGS)}.")
     metrics = _check_metrics(metrics)
     num_classes = pipeline.denoiser.config.num_classes if pipeline is not None else None
+    text = pipeline is not None and hasattr(pipeline, "encode_prompt")
     model_name = repo_id.split("/")[-1]
-
-    tags = [
-        "diffusers",
-        architecture,
-        OBJECTIVE_TAGS[objective],
-        "class-conditional" if num_classes else "unconditional",
-    ]
+    kind = "text-to-image" if text else "class-conditional" if num_classes else "unconditional"
+    tags = ["diffusers", architecture, OBJECTIVE_TAGS[objective], kind]
+    pipeline_tag = "text-to-image" if text else PIPELINE_TAG
     eval_results = None
     if metrics and dataset:
         eval_results = [
             EvalResult(
-                task_type=PIPELINE_TAG,
+                task_type=pipeline_tag,
                 dataset_type=dataset,
                 dataset_name=dataset,
                 metric_type=metric.get("type", metric["name"].lower()),
@@ -126,15 +133,14 @@ def build_model_card(
     card_data = ModelCardData(
         license=license,
         library_name="diffusers",
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=pipeline_tag,
         tags=tags,
         datasets=[dataset] if dataset else None,
         model_name=model_name,
         eval_results=eval_results,
     )
 
-    kind = "class-conditional" if num_classes else "unconditional"
-    summary = f"A {kind} diffusion model with a {ARCHITECTURE_NAMES.get(architecture, architecture)} denoiser"
+    summary = f"{'An' if kind == 'unconditional' else 'A'} {kind} diffusion model with a {ARCHITECTURE_NAMES.get(architecture, architecture)} denoiser"
     if pipeline is not None:
         num_parameters = sum(p.numel() for p in pipeline.denoiser.parameters())
         summary += f" ({num_parameters / 1e6:.2f}M parameters)"
@@ -146,21 +152,29 @@ def build_model_card(
     sections = [
         f"# {model_name}",
         summary,
-        f"![Samples{', one row per class' if num_classes else ''}]({SAMPLE_GRID_FILENAME})",
+        f"![Samples{', one row per prompt' if text else ', one row per class' if num_classes else ''}]({SAMPLE_GRID_FILENAME})",
         "## Usage",
         "With this project installed (`pip install .` in its repository), no `trust_remote_code` needed:",
-        "```python\n" + _usage_snippet(repo_id, num_classes, num_inference_steps, guidance_scale) + "\n```",
+        "```python\n" + _usage_snippet(repo_id, num_classes, num_inference_steps, guidance_scale, text=text) + "\n```",
     ]
     sections += _metrics_section(metrics)
     if training_details:
         sections += ["## Training", training_details]
-    details = [f"- Hub task tag: `{PIPELINE_TAG}` (the Hub has no class-conditional image generation task)."]
+    details = (
+        [] if text else [f"- Hub task tag: `{PIPELINE_TAG}` (the Hub has no class-conditional image generation task)."]
+    )
     if pipeline is not None:
         details.insert(
             0,
             f"- Pipeline: `{pipeline.__class__.__name__}`, denoiser `{pipeline.denoiser.__class__.__name__}`, "
             f"scheduler `{pipeline.scheduler.__class__.__name__}`.",
         )
+        if text:
+            encoder = pipeline.text_encoder
+            details.append(
+                f"- Text encoder: `{type(encoder).__name__}` ({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M "
+                f"parameters, width {encoder.config.hidden_size}), frozen; the empty prompt is the unconditional branch."
+            )
         if pipeline.config.get("id2label"):
             names = ", ".join(f"{k}: {v}" for k, v in pipeline.config["id2label"].items())
             details.append(f"- Classes (`class_labels` accepts ids or these names): {names}.")

@@ -106,19 +106,20 @@ def tracker_config(config: RunConfig) -> dict:
 # Evaluation samples
 # --------------------------------------------------------------------------------------------------
 def save_sample_grid(pipeline, eval_config, num_classes: int | None, grid_path: Path, gif_path: Path | None):
-    """One row per class (an unconditional model: `UNCONDITIONAL_GRID_ROWS` rows), `images_per_class` columns,
-    fixed seed; optionally a GIF of the denoising. Returns the grid."""
-    if num_classes:
-        labels, count, guidance_scale = (
-            list(range(num_classes)),
-            eval_config.images_per_class,
-            eval_config.guidance_scale,
-        )
+    """One row per class (a text model: per prompt; an unconditional one: `UNCONDITIONAL_GRID_ROWS` rows),
+    `images_per_class` columns, fixed seed; optionally a GIF of the denoising. Returns the grid."""
+    if hasattr(pipeline, "encode_prompt"):  # a text-to-image pipeline: one row per prompt
+        prompts = eval_config.prompts or [f"a handwritten {digit}" for digit in range(10)]
+        condition = dict(prompt=list(prompts), num_images_per_prompt=eval_config.images_per_class)
+        guidance_scale = eval_config.guidance_scale
+    elif num_classes:
+        condition = dict(class_labels=list(range(num_classes)), num_images_per_label=eval_config.images_per_class)
+        guidance_scale = eval_config.guidance_scale
     else:
-        labels, count, guidance_scale = None, UNCONDITIONAL_GRID_ROWS * eval_config.images_per_class, 1.0
+        condition = dict(num_images_per_label=UNCONDITIONAL_GRID_ROWS * eval_config.images_per_class)
+        guidance_scale = 1.0
     output = pipeline(
-        class_labels=labels,
-        num_images_per_label=count,
+        **condition,
         num_inference_steps=eval_config.num_inference_steps,
         guidance_scale=guidance_scale,
         generator=torch.Generator("cpu").manual_seed(eval_config.seed),
@@ -189,7 +190,9 @@ def save_pipeline_folder(pipeline, destination: Path, *, config, grid, metrics: 
         license=license,
         num_inference_steps=config.eval.num_inference_steps,
         # An unconditional pipeline takes no guidance: its card's snippet must run as written.
-        guidance_scale=config.eval.guidance_scale if pipeline.denoiser.config.num_classes else 1.0,
+        guidance_scale=config.eval.guidance_scale
+        if pipeline.denoiser.config.num_classes or hasattr(pipeline, "encode_prompt")
+        else 1.0,
         training_details=details,
     )
     write_run_folder(destination, pipeline.save_pretrained, card=card, grid=grid, config=config)

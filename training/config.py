@@ -406,8 +406,38 @@ def check_loop_settings(config) -> None:
         )
 
 
+def check_text_settings(config: Config) -> None:
+    """Text conditioning: a denoiser that takes text, captions the data can have, the encoder installed."""
+    if config.model.text_encoder is None:
+        if config.eval.prompts is not None:
+            raise ConfigError("eval.prompts are for text models; set model.text_encoder minilm, or remove them.")
+        return
+    if config.model.architecture not in ("unet", "mmdit"):
+        raise ConfigError(
+            f"model.text_encoder: the {config.model.architecture} takes class labels only; use unet (cross-attention) "
+            "or mmdit (joint attention) for text."
+        )
+    if config.data.dataset not in MNIST_DATASETS:
+        raise ConfigError(
+            f"model.text_encoder: captions are made from MNIST digits' measured style; data.dataset "
+            f"{config.data.dataset!r} is not MNIST."
+        )
+    if config.eval.fid_n > 0:
+        raise ConfigError("eval.fid_n > 0: the metrics of text models (prompt adherence) are not there yet; set 0.")
+    prompts = config.eval.prompts
+    if prompts is not None and (not prompts or not all(isinstance(p, str) for p in prompts)):
+        raise ConfigError(f"eval.prompts must be a non-empty list of strings or null, got {prompts!r}.")
+    from pipelines.text_encoder import TextEncoderUnavailableError, text_encoder_zip
+
+    try:
+        text_encoder_zip()
+    except TextEncoderUnavailableError as error:
+        raise ConfigError(f"model.text_encoder minilm: {error}") from None
+
+
 def check_config(config: Config) -> None:
     """Refuse combinations that would fail (or silently mislead) only after training started."""
+    check_text_settings(config)
     model_cls = model_class(config.model.architecture)
     module = importlib.import_module(model_cls.__module__)
     presets, renamed = module.PRESETS, getattr(module, "RENAMED_PRESETS", {})

@@ -13,6 +13,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHITECTURES = ("unet", "dit", "mmdit")
 # Old spellings of objective.name: refused with the new name ("ddpm" is also a sampler, which confused the two).
 RENAMED_OBJECTIVES = {"ddpm": "diffusion"}
+TEXT_ENCODERS = (None, "minilm")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
 SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
@@ -61,6 +62,12 @@ class ModelConfig:
     vae: str | None = described(
         None,
         doc="folder of a trained AutoencoderKL (`python -m training.train_vae`): train in its latent space; null: pixels",
+    )
+    text_encoder: str | None = choice(
+        None,
+        TEXT_ENCODERS,
+        doc="minilm: condition on captions of MNIST's measured style through the pretrained all-MiniLM-L6-v2 "
+        "(the text extra; unet or mmdit); null: on class labels",
     )
 
 
@@ -236,7 +243,10 @@ class EvalConfig:
     )
     num_inference_steps: int = bounded(50, 1, doc="sampling steps")
     guidance_scale: float = bounded(2.0, 0.0, doc="classifier-free guidance scale; 1 is a single conditional pass")
-    images_per_class: int = bounded(8, 1, doc="samples per class in the grid (one row per class)")
+    images_per_class: int = bounded(8, 1, doc="samples per class in the grid (one row per class, or per prompt)")
+    prompts: list | None = described(
+        None, doc="text models: the grid's prompts, one row each; null: 'a handwritten 0' ... 'a handwritten 9'"
+    )
     seed: int = bounded(0, 0, 2**32 - 1, doc="seed of the sampling noise (the same at every evaluation)")
     gif: bool = described(True, doc="also write a GIF of the denoising")
     fid_n: int = bounded(

@@ -19,10 +19,10 @@ from .setup import TrainingSetup, build_pipeline, step_generator, to_model_space
 def validation_loss(model, objective, batches, vae, seed: int) -> float:
     """Mean objective over fixed validation batches with fixed noise: comparable across evaluations."""
     total, count = 0.0, 0
-    for index, (pixel_values, class_labels) in enumerate(batches):
+    for index, (pixel_values, condition) in enumerate(batches):
         generator = step_generator(seed, index)
         clean = to_model_space(pixel_values, vae, generator)
-        loss = objective(model, clean, class_labels, generator)
+        loss = objective(model, clean, condition, generator)
         total += loss.item() * pixel_values.shape[0]
         count += pixel_values.shape[0]
     return total / count
@@ -130,6 +130,7 @@ def evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
         setup.vae,
         setup.train_dataset.id2label,
         objective=setup.pipeline_objective,
+        text=setup.text_components,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -146,7 +147,10 @@ def validation_batches(setup: TrainingSetup, config: RunConfig, accelerator: Acc
     )
     device = accelerator.device
     conditional = setup.train_dataset.num_classes is not None
-    return [
-        (batch["pixel_values"].to(device), batch["class_labels"].to(device) if conditional else None)
-        for batch in loader
-    ]
+
+    def condition(batch):
+        if setup.condition is not None:
+            return setup.condition(batch, device)  # every caption, none dropped
+        return batch["class_labels"].to(device) if conditional else None
+
+    return [(batch["pixel_values"].to(device), condition(batch)) for batch in loader]

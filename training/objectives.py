@@ -55,7 +55,16 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     return clipped
 
 
-class DiffusionObjective:
+class _Conditioning:
+    """What both objectives do with the condition: drop labels for classifier-free guidance, pass text on."""
+
+    def _conditioning(self, condition, generator) -> dict:
+        if isinstance(condition, dict):
+            return condition
+        return {"class_labels": _maybe_drop(condition, self.label_dropout, self.num_classes, generator)}
+
+
+class DiffusionObjective(_Conditioning):
     """DDPM-family training (Ho et al. 2020): uniform integer t, x_t from `add_noise`, target eps, v or x0."""
 
     def __init__(
@@ -102,21 +111,21 @@ class DiffusionObjective:
         snr = alphas_cumprod / (1 - alphas_cumprod)
         return min_snr_weights(snr, self.snr_gamma, self.prediction_type)
 
-    def __call__(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator):
-        """The batch's mean training loss."""
+    def __call__(self, model, clean: torch.Tensor, class_labels, generator: torch.Generator):
+        """The batch's mean training loss. `class_labels`: labels, None (unconditional), or a dict of the text
+        inputs of the denoiser (`encoder_hidden_states`, ...; captions are dropped before they are encoded)."""
         timesteps = self.sample_timesteps(clean.shape[0], generator).to(clean.device)
         noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(
             clean.device
         )
         noisy, target = self.noisy_input_and_target(clean, noise, timesteps)
-        class_labels = _maybe_drop(class_labels, self.label_dropout, self.num_classes, generator)
-        prediction = model(noisy, timesteps, class_labels=class_labels, return_dict=False)[0]
+        prediction = model(noisy, timesteps, **self._conditioning(class_labels, generator), return_dict=False)[0]
         per_sample = elementwise_loss(prediction, target, self.loss)
         weights = self.loss_weights(timesteps)
         return (per_sample * weights).mean() if weights is not None else per_sample.mean()
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(_Conditioning):
     """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_s = (1 - s) x0 + s eps, target eps - x0.
 
     sigma is continuous in (0, 1) and the denoiser sees timestep = sigma * num_train_timesteps.
@@ -167,16 +176,16 @@ class FlowMatchingObjective:
         noisy = self.scheduler.scale_noise(clean, timesteps, noise)
         return noisy, noise - clean
 
-    def __call__(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None, generator: torch.Generator):
-        """The batch's mean training loss."""
+    def __call__(self, model, clean: torch.Tensor, class_labels, generator: torch.Generator):
+        """The batch's mean training loss. `class_labels`: labels, None (unconditional), or a dict of the text
+        inputs of the denoiser (`encoder_hidden_states`, ...; captions are dropped before they are encoded)."""
         sigmas = self.sample_sigmas(clean.shape[0], generator)
         timesteps = (sigmas * self.scheduler.config.num_train_timesteps).to(clean.device)
         noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=clean.dtype).to(
             clean.device
         )
         noisy, target = self.noisy_input_and_target(clean, noise, timesteps)
-        class_labels = _maybe_drop(class_labels, self.label_dropout, self.num_classes, generator)
-        prediction = model(noisy, timesteps, class_labels=class_labels, return_dict=False)[0]
+        prediction = model(noisy, timesteps, **self._conditioning(class_labels, generator), return_dict=False)[0]
         return elementwise_loss(prediction, target, self.loss).mean()
 
 

@@ -20,7 +20,12 @@ from diffusers.training_utils import EMAModel
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
 from image_data import load_image_dataset
 from image_data.loading import SplitNotFoundError
-from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline
+from pipelines import (
+    ClassConditionalTransformerPipeline,
+    ClassConditionalUNetPipeline,
+    TextToImageTransformerPipeline,
+    TextToImageUNetPipeline,
+)
 
 from .artifacts import save_pipeline_folder
 from .config import MNIST_DATASETS, Config, ConfigError, RunConfig, model_class
@@ -157,16 +162,42 @@ def to_model_space(pixel_values: torch.Tensor, vae: AutoencoderKL | None, genera
 # --------------------------------------------------------------------------------------------------
 # Model, schedulers, objective, pipeline
 # --------------------------------------------------------------------------------------------------
-def build_model(model_config, *, sample_size: int, in_channels: int, num_classes: int | None):
-    """The denoiser from its architecture preset, sized for the data (or latents)."""
+def build_model(model_config, *, sample_size: int, in_channels: int, num_classes: int | None, **text_widths):
+    """The denoiser from its architecture preset, sized for the data (or latents) and, for text, the encoder."""
     cls = model_class(model_config.architecture)
     overrides = {
         **model_config.overrides,
         "sample_size": sample_size,
         "in_channels": in_channels,
         "num_classes": num_classes,
+        **text_widths,
     }
     return cls.from_preset(model_config.preset, **overrides)
+
+
+def _text_setup(config, train_dataset, validation_dataset, accelerator):
+    """Captioned data, the frozen encoder with its caption cache, and the denoiser's text widths."""
+    from image_data.captions import CaptionedDigits
+    from pipelines.text_encoder import load_text_encoder
+
+    from .text_conditioning import TextConditioning
+
+    tokenizer, encoder = load_text_encoder(accelerator.device)
+    width = encoder.config.hidden_size
+    if config.model.architecture == "unet":
+        widths = {"cross_attention_dim": width}
+    else:
+        widths = {"joint_attention_dim": width, "pooled_projection_dim": width}
+    condition = TextConditioning(
+        tokenizer,
+        encoder,
+        uses_pooled=config.model.architecture == "mmdit",
+        caption_dropout=config.objective.label_dropout,
+    )
+    train_dataset = CaptionedDigits(train_dataset, seed=config.train.seed)
+    if validation_dataset is not None:
+        validation_dataset = CaptionedDigits(validation_dataset, seed=config.train.seed)
+    return train_dataset, validation_dataset, condition, (tokenizer, encoder), widths
 
 
 def build_noise_scheduler(objective_config, *, clip_sample: bool = True):
@@ -212,11 +243,18 @@ def build_objective(objective_config, noise_scheduler, num_classes: int | None):
     return DiffusionObjective(noise_scheduler, snr_gamma=objective_config.snr_gamma, **common)
 
 
-def build_pipeline(architecture: str, denoiser, scheduler, vae=None, id2label=None, objective=None):
-    """The project's pipeline for a denoiser: `unet` for the UNet, `transformer` for DiT and MMDiT.
+def build_pipeline(architecture: str, denoiser, scheduler, vae=None, id2label=None, objective=None, text=None):
+    """The project's pipeline for a denoiser: `unet` for the UNet, `transformer` for DiT and MMDiT; with
+    `text=(tokenizer, text_encoder)` the text-to-image one.
 
     `objective` is `{"objective": ..., "prediction_type": ...}`, recorded in the saved `model_index.json`.
     """
+    if text is not None:
+        tokenizer, text_encoder = text
+        kwargs = dict(tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler, vae=vae, **(objective or {}))
+        if architecture == "unet":
+            return TextToImageUNetPipeline(unet=denoiser, **kwargs)
+        return TextToImageTransformerPipeline(transformer=denoiser, **kwargs)
     kwargs = dict(scheduler=scheduler, vae=vae, id2label=id2label, **(objective or {}))
     if architecture == "unet":
         return ClassConditionalUNetPipeline(unet=denoiser, **kwargs)
@@ -254,6 +292,10 @@ class TrainingSetup:
     reference_dataset: torch.utils.data.Dataset | None = None
     # `save_folder(pipeline, destination, *, config, grid, metrics, details)` writes `last/` and `best/`.
     save_folder: Callable = save_pipeline_folder
+    # Text models: `condition(batch, device, generator)` -> the denoiser's text inputs (`TextConditioning`), and
+    # the (tokenizer, text encoder) their pipelines carry. None: class labels (or none) condition the model.
+    condition: Callable | None = None
+    text_components: tuple | None = None
 
 
 def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSetup:
@@ -261,11 +303,8 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
     train_dataset, validation_dataset = load_datasets(config.data)
     num_classes = train_dataset.num_classes
     if num_classes is None and config.data.labels == "auto":
-        columns = getattr(train_dataset, "columns", None) or getattr(
-            getattr(train_dataset, "dataset", None), "columns", []
-        )
         accelerator.print(
-            f"The data has no label column (its columns: {columns}): training an unconditional model. Set "
+            f"The data has no label column (its columns: {train_dataset.columns}): training an unconditional model. Set "
             "data.label_column to train on labels, or data.labels ignore to say that this is what you want."
         )
     if num_classes is None and config.eval.fid_n > 0 and config.data.dataset in MNIST_DATASETS:
@@ -280,10 +319,20 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
         vae = load_vae(config.model.vae).to(accelerator.device)
         sample_size, in_channels = latent_geometry(vae, image_size)
 
+    condition, text_components, text_overrides = None, None, {}
+    if config.model.text_encoder is not None:
+        train_dataset, validation_dataset, condition, text_components, text_overrides = _text_setup(
+            config, train_dataset, validation_dataset, accelerator
+        )
+        num_classes = None
     set_seed(config.train.seed)  # identical initial weights on every process
-    model = build_model(config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes)
+    model = build_model(
+        config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **text_overrides
+    )
     noise_scheduler = build_noise_scheduler(config.objective, clip_sample=vae is None)
     return TrainingSetup(
+        condition=condition,
+        text_components=text_components,
         train_dataset=train_dataset,
         validation_dataset=validation_dataset,
         model=model,

@@ -155,10 +155,13 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                     )
                 generator = step_generator(seed, rank, epoch, batch_index)
                 pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
-                class_labels = batch["class_labels"].to(accelerator.device, non_blocking=True) if conditional else None
+                if setup.condition is not None:  # text: the captions' encodings, some dropped to the empty prompt
+                    condition = setup.condition(batch, accelerator.device, generator)
+                else:
+                    condition = batch["class_labels"].to(accelerator.device, non_blocking=True) if conditional else None
                 with accelerator.accumulate(model):
                     clean = to_model_space(pixel_values, setup.vae, generator)
-                    loss = setup.objective(model, clean, class_labels, generator)
+                    loss = setup.objective(model, clean, condition, generator)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.optim.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)

