@@ -4,6 +4,7 @@
         --scheduler ScratchDDIMScheduler --num_inference_steps 50 --guidance_scale 2.0 --seed 0 \\
         --out grid.png --gif trajectory.gif
 
+Text-to-image pipelines take `--prompt` (repeatable, one grid row each) instead of `--class_labels`.
 `--scheduler` takes our classes (ScratchDDPMScheduler, ScratchDDIMScheduler, ScratchFlowMatchEulerScheduler) or
 any diffusers scheduler class name, built from the saved scheduler's config. One row per label in the grid.
 """
@@ -30,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--class_labels", default=None, help="comma-separated class ids or label names (default: every class)"
     )
-    parser.add_argument("--num_images_per_label", type=int, default=8)
+    parser.add_argument(
+        "--prompt", action="append", default=None, help="text-to-image pipelines: a prompt, one grid row (repeatable)"
+    )
+    parser.add_argument("--negative_prompt", default=None, help="text-to-image pipelines: steer away from this")
+    parser.add_argument("--num_images_per_label", type=int, default=8, help="images per class (or per prompt)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora", default=None, help="LoRA file, folder or Hub repo id (diffusers format)")
     parser.add_argument("--lora_scale", type=float, default=1.0, help="adapter weight of --lora")
@@ -58,10 +63,22 @@ def main(argv: list | None = None) -> dict:
         load_lora(pipeline, args.lora, args.lora_scale)
     load_seconds = time.perf_counter() - started
 
+    if hasattr(pipeline, "encode_prompt"):
+        if not args.prompt or class_labels is not None:
+            raise ValueError(
+                f"{args.pipeline} is a text-to-image pipeline: pass --prompt (one per row), not --class_labels."
+            )
+        condition = dict(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images_per_label
+        )
+    else:
+        if args.prompt or args.negative_prompt:
+            raise ValueError(f"{args.pipeline} is class-conditional: pass --class_labels, not --prompt.")
+        condition = dict(class_labels=class_labels, num_images_per_label=args.num_images_per_label)
+
     started = time.perf_counter()
     output = pipeline(
-        class_labels=class_labels,
-        num_images_per_label=args.num_images_per_label,
+        **condition,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         generator=torch.Generator("cpu").manual_seed(args.seed),

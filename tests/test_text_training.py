@@ -113,3 +113,21 @@ def test_a_text_run_resumes_to_bit_identical_weights(encoder, tmp_path, architec
     assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
     first = load_file(tmp_path / "parts" / "checkpoints" / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(first[k], parts[k]) for k in first)  # it did train after the resume
+
+
+def test_a_trained_text_model_samples_from_prompts_on_the_command_line(encoder, tmp_path, capsys):
+    from PIL import Image
+
+    from commands import sample
+
+    train_main(tiny_run_args(**{"model.text_encoder": "minilm", "train.max_steps": 2, "output_dir": str(tmp_path)}))
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and 'pipe(prompt=["a bold 7"' in card
+    grid = tmp_path / "grid.png"
+    sample.main(
+        [str(tmp_path / "best"), "--prompt", "a bold 7", "--prompt", "a thin 1", "--num_images_per_label", "3"]
+        + ["--num_inference_steps", "2", "--out", str(grid)]
+    )
+    assert Image.open(grid).size == (3 * 28, 2 * 28) and "6 images (28x28, 2 rows)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="is a text-to-image pipeline: pass --prompt"):
+        sample.main([str(tmp_path / "best"), "--class_labels", "3", "--out", str(grid)])
