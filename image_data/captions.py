@@ -135,6 +135,23 @@ def caption(label: int, style: DigitStyle, rng: random.Random, held_out: bool = 
     return rng.choice(templates).format(digit=digit, attributes=", ".join(phrases))
 
 
+def prompt_for(label: int, wanted: dict[str, str], rng: random.Random, held_out: bool = False) -> str:
+    """A prompt asking for digit `label` with the attribute bins `wanted` (e.g. `{"thickness": "bold"}`), in a
+    random training (or held-out) phrasing: what prompt-adherence evaluation asks a model for."""
+    if not 0 <= label <= 9:
+        raise ValueError(f"label must be a digit 0..9, got {label!r}.")
+    templates, words = (HELD_OUT_TEMPLATES, HELD_OUT_WORDS) if held_out else (TEMPLATES, ATTRIBUTE_WORDS)
+    unknown = {
+        attribute: word for attribute, word in wanted.items() if attribute not in ATTRIBUTES or word not in words
+    }
+    if unknown or not wanted:
+        raise ValueError(f"wanted must map some of {list(ATTRIBUTES)} to their bin words; got {wanted!r}.")
+    phrases = [rng.choice(words[word]) for word in wanted.values()]
+    rng.shuffle(phrases)
+    digit = str(label) if rng.random() < 0.5 else NUMBER_WORDS[label]
+    return rng.choice(templates).format(digit=digit, attributes=", ".join(phrases))
+
+
 def style_bin_shares(images) -> dict[str, dict[str, float]]:
     """Share of `images` (uint8 `[N, H, W]`) in each bin of each attribute: how the thresholds split a data set."""
     counts = {attribute: {} for attribute in ATTRIBUTES}

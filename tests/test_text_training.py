@@ -131,3 +131,13 @@ def test_a_trained_text_model_samples_from_prompts_on_the_command_line(encoder, 
     assert Image.open(grid).size == (3 * 28, 2 * 28) and "6 images (28x28, 2 rows)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="is a text-to-image pipeline: pass --prompt"):
         sample.main([str(tmp_path / "best"), "--class_labels", "3", "--out", str(grid)])
+
+    from commands import evaluate
+
+    results = evaluate.main(
+        [str(tmp_path / "best"), "--num_samples_per_class", "1", "--num_inference_steps", "1"]
+        + ["--output_dir", str(tmp_path / "eval")]
+    )
+    for phrasing in ("training_phrasings", "held_out_phrasings"):
+        assert results[phrasing]["num_samples"] == 90 and 0 <= results[phrasing]["digit_accuracy"] <= 1
+    assert "| held out phrasings |" in (tmp_path / "eval" / "evaluation.md").read_text()
