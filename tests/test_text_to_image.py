@@ -126,6 +126,8 @@ def test_save_and_load_in_a_fresh_process_gives_identical_images(kind, tmp_path)
     expected = run(pipe, prompt=["a bold 7", "the digit three"], guidance_scale=2.0)
     code = (
         "import sys, json, numpy as np, torch, pipelines\n"
+        # The same thread count as this process: CPU kernels may split sums differently with more threads.
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         "from diffusers import DiffusionPipeline\n"
         "pipe = DiffusionPipeline.from_pretrained(sys.argv[1]); pipe.set_progress_bar_config(disable=True)\n"
         "images = pipe(prompt=['a bold 7', 'the digit three'], guidance_scale=2.0, num_inference_steps=3,\n"
