@@ -205,6 +205,71 @@ class DenoisingPipeline(DiffusionPipeline):
                 progress_bar.update()
         return latents, trajectory
 
+    # ----------------------------------------------------------------------------------------------
+    # Hub (`sample_grid` is the subclass's)
+    # ----------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card)."""
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
+        }
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
+        )
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, safe_serialization=safe_serialization, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        model_card: ModelCard | None = None,
+        sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+    ) -> str:
+        """Upload the pipeline with a model card and a sample grid; returns the commit URL.
+
+        `model_card` defaults to `build_model_card` filled from this pipeline's components; `sample_grid` (an
+        image or a path) defaults to a freshly sampled grid. The token is only sent to the Hub, never written.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if model_card is None:
+            model_card = build_model_card(repo_id, pipeline=self)
+        if sample_grid is None:
+            sample_grid = self.sample_grid()
+        elif not isinstance(sample_grid, PIL.Image.Image):
+            sample_grid = PIL.Image.open(sample_grid)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization)
+            sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
+            model_card.save(os.path.join(folder, "README.md"))
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {self.__class__.__name__}",
+                create_pr=create_pr,
+            )
+        return commit.commit_url
+
 
 class ClassConditionalPipeline(DenoisingPipeline):
     """Shared sampler of the class-conditional pipelines; subclasses only name the denoiser component."""
@@ -379,68 +444,6 @@ class ClassConditionalPipeline(DenoisingPipeline):
             generator=torch.Generator("cpu").manual_seed(seed),
         ).images
         return make_image_grid(images, rows=len(images) // num_images_per_label, cols=num_images_per_label)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        max_shard_size: int | str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ):
-        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card)."""
-        hub_kwargs = {
-            key: kwargs.pop(key)
-            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
-            if key in kwargs
-        }
-        super().save_pretrained(
-            save_directory,
-            safe_serialization=safe_serialization,
-            variant=variant,
-            max_shard_size=max_shard_size,
-            **kwargs,
-        )
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.push_to_hub(repo_id, safe_serialization=safe_serialization, **hub_kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        model_card: ModelCard | None = None,
-        sample_grid: PIL.Image.Image | str | os.PathLike | None = None,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        safe_serialization: bool = True,
-    ) -> str:
-        """Upload the pipeline with a model card and a sample grid; returns the commit URL.
-
-        `model_card` defaults to `build_model_card` filled from this pipeline's components; `sample_grid` (an
-        image or a path) defaults to a freshly sampled grid. The token is only sent to the Hub, never written.
-        """
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if model_card is None:
-            model_card = build_model_card(repo_id, pipeline=self)
-        if sample_grid is None:
-            sample_grid = self.sample_grid()
-        elif not isinstance(sample_grid, PIL.Image.Image):
-            sample_grid = PIL.Image.open(sample_grid)
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization)
-            sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
-            model_card.save(os.path.join(folder, "README.md"))
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {self.__class__.__name__}",
-                create_pr=create_pr,
-            )
-        return commit.commit_url
 
 
 class ClassConditionalUNetPipeline(UNetLoraLoaderMixin, ClassConditionalPipeline):

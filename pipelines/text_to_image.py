@@ -17,13 +17,14 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL, SchedulerMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, make_image_grid
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from custom_models.mmdit import ScratchMMDiTModel
 from custom_models.unet import ScratchUNetModel
 
 from .class_conditional import DenoisingPipeline
+from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 32
 
@@ -258,8 +259,27 @@ class TextToImagePipeline(DenoisingPipeline):
         output = TextToImagePipelineOutput(images=images, trajectory=trajectory)
         return output if return_dict else output.to_tuple()
 
+    def sample_grid(
+        self,
+        num_images_per_prompt: int = 4,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        prompts: list[str] | None = None,
+    ):
+        """One row per prompt (default: "a handwritten 0" ... "a handwritten 9"), as a single PIL image."""
+        prompts = prompts or [f"a handwritten {digit}" for digit in range(10)]
+        images = self(
+            prompt=prompts,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images
+        return make_image_grid(images, rows=len(prompts), cols=num_images_per_prompt)
 
-class TextToImageUNetPipeline(TextToImagePipeline):
+
+class TextToImageUNetPipeline(UNetLoraLoaderMixin, TextToImagePipeline):
     """Text-to-image with a `ScratchUNetModel` that cross-attends to the prompt's tokens (component `unet`)."""
 
     denoiser_name = "unet"
@@ -278,7 +298,7 @@ class TextToImageUNetPipeline(TextToImagePipeline):
         self._setup(tokenizer, text_encoder, unet, scheduler, vae, objective, prediction_type)
 
 
-class TextToImageTransformerPipeline(TextToImagePipeline):
+class TextToImageTransformerPipeline(TransformerLoraLoaderMixin, TextToImagePipeline):
     """Text-to-image with a `ScratchMMDiTModel` (joint attention; pooled prompt in adaLN), component `transformer`."""
 
     denoiser_name = "transformer"

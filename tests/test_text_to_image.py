@@ -191,3 +191,74 @@ def test_the_real_pretrained_encoder_drives_a_pipeline_and_survives_a_round_trip
     np.testing.assert_array_equal(
         run(loaded, prompt=["a bold 7", "a thin seven leaning left"], guidance_scale=2.0), images
     )
+
+
+def test_a_lora_adapter_saves_and_loads_into_a_text_pipeline(tmp_path):
+    from peft import LoraConfig
+
+    pipe = build("mmdit", tmp_path)
+    base = run(pipe, prompt="a bold 7", guidance_scale=2.0)
+    pipe.transformer.add_adapter(
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=pipe.transformer.default_lora_target_modules, init_lora_weights=False
+        )
+    )
+    adapted = run(pipe, prompt="a bold 7", guidance_scale=2.0)
+    assert not np.allclose(adapted, base, atol=1e-4)
+    pipe.save_denoiser_lora(tmp_path / "lora")
+    fresh = build("mmdit", tmp_path)
+    fresh.load_lora_weights(tmp_path / "lora", adapter_name="bold")
+    np.testing.assert_allclose(run(fresh, prompt="a bold 7", guidance_scale=2.0), adapted, atol=1e-6)
+
+
+PUSH_SCRIPT = """
+import json, re, sys
+import torch
+from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
+import pipelines
+
+work, token = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(f"{work}/local")
+pipe.save_pretrained(f"{work}/saved", push_to_hub=True, repo_id="user/tiny-text", token=token)
+loaded = DiffusionPipeline.from_pretrained("user/tiny-text")
+loaded.set_progress_bar_config(disable=True)
+images = loaded(prompt=["a bold 7"], guidance_scale=2.0, num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
+import numpy as np
+np.save(f"{work}/from_hub.npy", images)
+readme = open(hf_hub_download("user/tiny-text", "README.md")).read()
+open(f"{work}/README.md", "w").write(readme)
+exec(compile(re.search(r"```python\\n(.*?)```", readme, re.S).group(1), "README.md", "exec"), {"__name__": "__main__"})
+print(type(loaded).__name__)
+"""
+
+
+def test_push_to_hub_with_a_text_model_card_and_load_by_repo_id(tmp_path):
+    import os
+
+    from hub_server import FakeHub
+
+    pipe = build("unet", tmp_path)
+    pipe.save_pretrained(tmp_path / "local")
+    expected = run(pipe, prompt=["a bold 7"], guidance_scale=2.0)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(
+        HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"
+    )
+    with FakeHub() as hub:
+        env["HF_ENDPOINT"] = hub.url
+        result = subprocess.run(
+            [sys.executable, "-c", PUSH_SCRIPT, str(tmp_path), "hf_fakeTokenForLoopbackTestsOnly0123456789"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "TextToImageUNetPipeline"
+    np.testing.assert_allclose(np.load(tmp_path / "from_hub.npy"), expected, atol=1e-5)
+    card = (tmp_path / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "- text-to-image" in card and "Text encoder: `BertModel`" in card
+    assert (tmp_path / "sample.png").is_file()  # the card's snippet ran as written
