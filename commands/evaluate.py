@@ -1,4 +1,4 @@
-"""Score a class-conditional pipeline: FID-MNIST, GAN-test accuracy, Inception Score, precision/recall, KID.
+"""Score a pipeline: FID-MNIST, GAN-test accuracy, IS, precision / recall, KID; prompt adherence; Inception FID / KID.
 
     python -m commands.evaluate runs/quickstart/best --num_samples_per_class 100 \\
         --scheduler ScratchDDIMScheduler --num_inference_steps 50 --guidance_scale 2.0 --output_dir eval/

@@ -1,4 +1,4 @@
-"""Pipeline-level LoRA for the class-conditional pipelines, in diffusers' file format.
+"""Pipeline-level LoRA for the class-conditional and text-to-image pipelines, in diffusers' file format.
 
 Files are `pytorch_lora_weights.safetensors` with keys prefixed by the component name (`unet.` or
 `transformer.`) and the peft `LoraConfig` in the safetensors header, so `lora_alpha` survives a round trip
