@@ -8,7 +8,6 @@ follow them too: `prompt`, `negative_prompt`, `num_images_per_prompt`, `prompt_e
 `output_type`, callbacks. The empty prompt is the unconditional branch of guidance (training drops captions to it).
 """
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,8 +24,9 @@ from custom_models.unet import ScratchUNetModel
 
 from .class_conditional import DenoisingPipeline
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
+from .text_encoder import DEFAULT_MAX_LENGTH, encode_prompts
 
-DEFAULT_MAX_SEQUENCE_LENGTH = 32
+DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_LENGTH
 
 
 @dataclass
@@ -106,22 +106,8 @@ class TextToImagePipeline(DenoisingPipeline):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
-        too_long = [p for p, n in zip(prompts, lengths) if n > max_sequence_length]
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} prompt(s) longer than {max_sequence_length} tokens are truncated, e.g. "
-                f"{too_long[0][:80]!r}.",
-                UserWarning,
-                stacklevel=2,
-            )
-        tokens = self.tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=max_sequence_length, return_tensors="pt"
-        ).to(self._execution_device)
-        states = self.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])[0]
-        mask = tokens["attention_mask"].to(states.dtype)
-        pooled = (states * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return PromptEncoding(states, tokens["attention_mask"].bool(), pooled)
+        encoded = encode_prompts(self.tokenizer, self.text_encoder, list(prompts), max_sequence_length)
+        return PromptEncoding(*(tensor.to(self._execution_device) for tensor in encoded))
 
     def _given_encoding(self, embeds, mask, pooled, name: str) -> PromptEncoding:
         if embeds.ndim != 3:
