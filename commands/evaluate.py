@@ -136,6 +136,18 @@ def summary_line(results: dict) -> str:
     )
 
 
+def sampling_settings(args) -> dict:
+    """The sampling arguments of `evaluation.evaluate_pipeline` / `generate_samples` from the command line."""
+    return dict(
+        num_samples_per_class=args.num_samples_per_class,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+
+
 def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.inception_reference_samples is not None and args.inception_reference_samples < 2:
@@ -160,16 +172,7 @@ def main(argv: list | None = None) -> dict:
     with warnings.catch_warnings():
         # Printed below as `warning:` lines, and written into the report.
         warnings.filterwarnings("ignore", message=r"(only N = |.*no metric is computable)")
-        results, images, _ = evaluate_pipeline(
-            pipeline,
-            num_samples_per_class=args.num_samples_per_class,
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=True,
-            return_samples=True,
-        )
+        results, images, _ = evaluate_pipeline(pipeline, **sampling_settings(args), return_samples=True)
     results.update(pipeline=args.pipeline, environment=environment_line())
     for problem in (results["not_computable"], results["small_sample_warning"]):
         if problem:
@@ -265,15 +268,7 @@ def evaluate_against_data(pipeline, args, output_dir: Path, started: float) -> d
     what = f"{args.num_samples_per_class} x {num_classes} classes" if num_classes else f"{args.num_samples_per_class}"
     print(f"sampling {what} with {type(pipeline.scheduler).__name__}, {args.num_inference_steps} steps")
     sampling_started = time.perf_counter()
-    images, _ = generate_samples(
-        pipeline,
-        num_samples_per_class=args.num_samples_per_class,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=True,
-    )
+    images, _ = generate_samples(pipeline, **sampling_settings(args))
     sampling_time = time.perf_counter() - sampling_started
     channels, size = int(images.shape[1]), int(images.shape[-1])
     reference = load_image_dataset(

