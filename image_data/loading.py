@@ -264,10 +264,6 @@ class LabeledImageDataset(torch.utils.data.Dataset):
                     f"as images: {error}"
                 ) from error
 
-    @property
-    def conditional(self) -> bool:
-        return self.label_column is not None
-
     def unreadable_rows(self) -> list[tuple[int, str, str]]:
         """(row, file path or '', why) of every image that does not decode: found before training, not mid-epoch."""
         column = self.hf_dataset.with_format("arrow")
