@@ -64,7 +64,6 @@ def test_captions_are_encoded_once_and_dropped_to_the_empty_prompt_from_the_step
     [
         ({"model.architecture": "dit"}, "the dit takes class labels only"),
         ({"data.dataset": "some/images"}, "captions are made from MNIST digits"),
-        ({"eval.fid_n": 2}, "prompt adherence"),
         ({"eval.prompts": "[]"}, "non-empty list of strings"),
     ],
 )
@@ -112,11 +111,21 @@ def test_a_text_run_resumes_to_bit_identical_weights(encoder, tmp_path, architec
 
 
 def test_a_trained_text_model_samples_from_prompts_on_the_command_line(encoder, tmp_path, capsys):
+    import csv
+
     from PIL import Image
 
     from commands import sample
 
-    train_main(tiny_run_args(**{"model.text_encoder": "minilm", "train.max_steps": 2, "output_dir": str(tmp_path)}))
+    # With eval.fid_n, each evaluation records prompt adherence (2 images for each of the 90 prompts).
+    train_main(
+        tiny_run_args(
+            **{"model.text_encoder": "minilm", "train.max_steps": 2, "eval.fid_n": 2, "output_dir": str(tmp_path)}
+        )
+    )
+    row = list(csv.DictReader(open(tmp_path / "metrics.csv")))[-1]
+    assert row["metric_num_samples"] == "180" and row["fid"] == ""
+    assert all(0 <= float(row[key]) <= 1 for key in ("gan_test_acc", "thickness_acc", "slant_acc"))
     card = (tmp_path / "best" / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and 'pipe(prompt=["a bold 7"' in card
     grid = tmp_path / "grid.png"

@@ -32,6 +32,8 @@ METRICS_COLUMNS = (
     "val_loss",
     "fid",
     "gan_test_acc",
+    "thickness_acc",
+    "slant_acc",
     "inception_score",
     "metric_num_samples",
     "metric_nonfinite_samples",
@@ -140,6 +142,8 @@ def card_metrics(results: dict) -> list[dict]:
         "inception_fid": "Inception FID",
         "inception_kid_mean": "Inception KID",
         "gan_test_acc": "GAN-test accuracy",
+        "thickness_accuracy": "Thickness accuracy",
+        "slant_accuracy": "Slant accuracy",
         "inception_score": "Inception Score",
     }
     num_samples = results.get("num_samples")

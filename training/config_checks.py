@@ -97,8 +97,6 @@ def check_text_settings(config: Config) -> None:
             f"model.text_encoder: captions are made from MNIST digits' measured style; data.dataset "
             f"{config.data.dataset!r} is not MNIST."
         )
-    if config.eval.fid_n > 0:
-        raise ConfigError("eval.fid_n > 0: the metrics of text models (prompt adherence) are not there yet; set 0.")
     prompts = config.eval.prompts
     if prompts is not None and (not prompts or not all(isinstance(p, str) for p in prompts)):
         raise ConfigError(f"eval.prompts must be a non-empty list of strings or null, got {prompts!r}.")

@@ -252,8 +252,9 @@ class EvalConfig:
     fid_n: int = bounded(
         0,
         0,
-        doc="samples per class (unconditional: in all) for the metrics: FID-MNIST, GAN-test accuracy, ... on MNIST, "
-        "Inception FID / KID against the training images on other data (the inception extra); 0 skips them",
+        doc="samples per class (unconditional: in all; text: per prompt) for the metrics: FID-MNIST, GAN-test "
+        "accuracy, ... on MNIST; Inception FID / KID against the training images on other data (the inception "
+        "extra); prompt adherence for text models; 0 skips them",
     )
     fid_reference_samples: int = bounded(
         10000, 2, doc="other data: training images whose Inception features are the reference (computed once, cached)"

@@ -29,8 +29,8 @@ def validation_loss(model, objective, batches, vae, seed: int) -> float:
 
 
 def quality_metrics(pipeline, eval_config, reference_dataset=None) -> dict:
-    """FID-MNIST / GAN-test accuracy / ... on MNIST, or Inception FID / KID against `reference_dataset` (other data),
-    from `evaluation` (imported only when asked for)."""
+    """FID-MNIST / GAN-test accuracy / ... on MNIST, Inception FID / KID against `reference_dataset` (other data), or
+    prompt adherence (text models), from `evaluation` (imported only when asked for)."""
     from evaluation import evaluate_pipeline
     from evaluation.inception_fid import inception_metrics
     from evaluation.metrics import generate_samples
@@ -42,6 +42,18 @@ def quality_metrics(pipeline, eval_config, reference_dataset=None) -> dict:
         seed=eval_config.seed,
         batch_size=eval_config.batch_size,
     )
+    if hasattr(pipeline, "encode_prompt"):  # a text model: prompt adherence on the training phrasings
+        from evaluation.prompt_adherence import prompt_adherence
+
+        results = prompt_adherence(
+            pipeline,
+            images_per_prompt=eval_config.fid_n,
+            num_inference_steps=eval_config.num_inference_steps,
+            guidance_scale=eval_config.guidance_scale,
+            seed=eval_config.seed,
+            batch_size=max(1, eval_config.batch_size // eval_config.fid_n),  # prompts per call
+        )
+        return {**results, "gan_test_acc": results["digit_accuracy"]}
     if reference_dataset is None:
         return evaluate_pipeline(pipeline, **settings)
     images, _ = generate_samples(pipeline, **settings)
@@ -98,6 +110,8 @@ def evaluate(
         results.update(
             fid=metrics.get("fid_mnist", metrics.get("inception_fid")),
             gan_test_acc=metrics.get("gan_test_acc"),
+            thickness_acc=metrics.get("thickness_accuracy"),
+            slant_acc=metrics.get("slant_accuracy"),
             inception_score=metrics.get("inception_score"),
             metric_num_samples=metrics.get("num_samples"),
             metric_nonfinite_samples=metrics.get("num_nonfinite_samples"),
