@@ -136,6 +136,18 @@ def summary_line(results: dict) -> str:
     )
 
 
+def write_report(output_dir: Path, results: dict, markdown: str, grid=None) -> list[Path]:
+    """`evaluation.json`, `evaluation.md` and (given a grid image) `samples.png` in `output_dir`, atomically."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / "evaluation.json", output_dir / "evaluation.md"]
+    write_text_atomically(paths[0], json.dumps(results, indent=2) + "\n")
+    write_text_atomically(paths[1], markdown)
+    if grid is not None:
+        paths.append(output_dir / "samples.png")
+        write_file_atomically(paths[2], lambda temporary: grid.save(temporary, format="PNG"))
+    return paths
+
+
 def sampling_settings(args) -> dict:
     """The sampling arguments of `evaluation.evaluate_pipeline` / `generate_samples` from the command line."""
     return dict(
@@ -195,22 +207,15 @@ def main(argv: list | None = None) -> dict:
             results["inception_fid_skipped"] = str(error)
             print(f"Inception FID skipped: {error}")
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path, grid_path = (
-        output_dir / "evaluation.json",
-        output_dir / "evaluation.md",
-        output_dir / "samples.png",
-    )
-    write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
-    write_text_atomically(markdown_path, format_markdown(results, args.pipeline))
     per_class = min(GRID_IMAGES_PER_CLASS, args.num_samples_per_class)
     keep = [c * args.num_samples_per_class + i for c in range(num_classes) for i in range(per_class)]
-    grid = image_grid(images[keep], cols=per_class)
-    write_file_atomically(grid_path, lambda temporary: grid.save(temporary, format="PNG"))
+    paths = write_report(
+        output_dir, results, format_markdown(results, args.pipeline), image_grid(images[keep], cols=per_class)
+    )
 
     print(summary_line(results))
     print(
-        f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)} "
+        f"wrote {', '.join(map(str, paths))} in {seconds(time.perf_counter() - started)} "
         f"(sampling {seconds(results['sampling_time_s'])})"
     )
     return results
@@ -248,13 +253,10 @@ def evaluate_prompt_adherence(pipeline, args, output_dir: Path, started: float) 
         f"{args.guidance_scale}, seed {args.seed}, on {results['environment']}.",
         "",
     ]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = output_dir / "evaluation.json", output_dir / "evaluation.md"
-    write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
-    write_text_atomically(markdown_path, "\n".join(lines))
+    paths = write_report(output_dir, results, "\n".join(lines))
     for row in rows:
         print(row)
-    print(f"wrote {json_path}, {markdown_path} in {seconds(time.perf_counter() - started)}")
+    print(f"wrote {', '.join(map(str, paths))} in {seconds(time.perf_counter() - started)}")
     return results
 
 
@@ -319,22 +321,15 @@ def evaluate_against_data(pipeline, args, output_dir: Path, started: float) -> d
         f"seed {args.seed}, {size}x{size} samples, on {results['environment']}.",
         "",
     ]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path, grid_path = (
-        output_dir / "evaluation.json",
-        output_dir / "evaluation.md",
-        output_dir / "samples.png",
-    )
-    write_text_atomically(json_path, json.dumps(results, indent=2) + "\n")
-    write_text_atomically(markdown_path, "\n".join(lines))
+    # Up to GRID_IMAGES_PER_CLASS full rows of GRID_IMAGES_PER_CLASS samples.
     cols = min(GRID_IMAGES_PER_CLASS, images.shape[0])
-    grid = image_grid(images[: cols * (images.shape[0] // cols)][: cols * GRID_IMAGES_PER_CLASS], cols=cols)
-    write_file_atomically(grid_path, lambda temporary: grid.save(temporary, format="PNG"))
+    rows = min(GRID_IMAGES_PER_CLASS, images.shape[0] // cols)
+    paths = write_report(output_dir, results, "\n".join(lines), image_grid(images[: rows * cols], cols=cols))
     print(
         f"Inception FID {_number(results['inception_fid'], 2)} (N={n} vs {n_ref} real) | KID "
         f"{_number(results['inception_kid_mean'], 4)} (N={n})"
     )
-    print(f"wrote {json_path}, {markdown_path}, {grid_path} in {seconds(time.perf_counter() - started)}")
+    print(f"wrote {', '.join(map(str, paths))} in {seconds(time.perf_counter() - started)}")
     return results
 
 

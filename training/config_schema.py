@@ -165,6 +165,17 @@ class DataConfig:
         "stop", ("stop", "skip"), doc="an image that does not decode: stop (an error naming it) or skip (a warning)"
     )
 
+    def image_loading_kwargs(self) -> dict:
+        """`image_data.load_image_dataset` arguments that say which images, and how they become tensors."""
+        return dict(
+            dataset_name=None if self.dataset == "mnist" else self.dataset,
+            image_column=self.image_column,
+            resolution=self.resolution,
+            pad_to=self.pad_to,
+            channels=self.channels,
+            unreadable_images=self.unreadable_images,
+        )
+
 
 @dataclass
 class OptimConfig:

@@ -87,16 +87,7 @@ def idle_cpu_cores_hint(device: torch.device, num_processes: int) -> str | None:
 # --------------------------------------------------------------------------------------------------
 def load_datasets(data_config):
     """(train dataset, validation dataset or None) as `{"pixel_values", "class_labels"}` items."""
-    kwargs = dict(
-        dataset_name=None if data_config.dataset == "mnist" else data_config.dataset,
-        image_column=data_config.image_column,
-        label_column=data_config.label_column,
-        resolution=data_config.resolution,
-        pad_to=data_config.pad_to,
-        channels=data_config.channels,
-        unreadable_images=data_config.unreadable_images,
-        labels=data_config.labels,
-    )
+    kwargs = dict(data_config.image_loading_kwargs(), label_column=data_config.label_column, labels=data_config.labels)
     train_dataset = load_image_dataset(split=data_config.train_split, random_flip=data_config.random_flip, **kwargs)
     num_validation = data_config.num_validation_samples
     validation_dataset = None
@@ -350,16 +341,7 @@ def reference_images(config) -> torch.utils.data.Dataset | None:
     """The training split without random flips, as the Inception reference of other data than MNIST (else None)."""
     if config.eval.fid_n == 0 or config.data.dataset in MNIST_DATASETS:
         return None
-    data = config.data
-    return load_image_dataset(
-        dataset_name=data.dataset,
-        split=data.train_split,
-        resolution=data.resolution,
-        pad_to=data.pad_to,
-        channels=data.channels,
-        labels="ignore",
-        unreadable_images=data.unreadable_images,
-    )
+    return load_image_dataset(split=config.data.train_split, labels="ignore", **config.data.image_loading_kwargs())
 
 
 def build_optimizer(optim_config, model: torch.nn.Module, total_steps: int):

@@ -115,17 +115,9 @@ def train_vae(config: VAEConfig) -> Path:
     """Train, measure the scaling factor, save `AutoencoderKL` (+ `vae_metrics.json`); returns the output folder."""
     accelerator = Accelerator()
     set_seed(config.train.seed)
-    dataset_name = None if config.data.dataset == "mnist" else config.data.dataset
-    load_kwargs = dict(
-        dataset_name=dataset_name,
-        image_column=config.data.image_column,
-        label_column=config.data.label_column,
-        resolution=config.data.resolution,
-        pad_to=config.data.pad_to,
-        channels=config.data.channels,
-        unreadable_images=config.data.unreadable_images,
+    dataset = load_image_dataset(
+        split=config.data.train_split, label_column=config.data.label_column, **config.data.image_loading_kwargs()
     )
-    dataset = load_image_dataset(split=config.data.train_split, **load_kwargs)
     if config.data.max_train_samples is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(config.data.max_train_samples, len(dataset))))
     channels, image_size, _ = dataset[0]["pixel_values"].shape
