@@ -122,25 +122,32 @@ def measure_style(image) -> DigitStyle:
     return DigitStyle(thickness=thickness, slant=slant, height=height)
 
 
+def _phrasing(label: int, held_out: bool) -> tuple[tuple, dict]:
+    """(templates, attribute words) of the training or the held-out phrasings, for digit `label`."""
+    if not 0 <= label <= 9:
+        raise ValueError(f"label must be a digit 0..9, got {label!r}.")
+    return (HELD_OUT_TEMPLATES, HELD_OUT_WORDS) if held_out else (TEMPLATES, ATTRIBUTE_WORDS)
+
+
+def _sentence(label: int, phrases: list[str], templates, rng: random.Random) -> str:
+    """The digit as a numeral or a word, with `phrases`, in a random template."""
+    digit = str(label) if rng.random() < 0.5 else NUMBER_WORDS[label]
+    return rng.choice(templates).format(digit=digit, attributes=", ".join(phrases))
+
+
 def caption(label: int, style: DigitStyle, rng: random.Random, held_out: bool = False) -> str:
     """A caption for digit `label` with `style`: a random phrasing naming the digit (numeral or word) and a random
     non-empty subset of the attributes in random order; `held_out` uses only the phrasings kept out of training."""
-    if not 0 <= label <= 9:
-        raise ValueError(f"label must be a digit 0..9, got {label!r}.")
-    templates, words = (HELD_OUT_TEMPLATES, HELD_OUT_WORDS) if held_out else (TEMPLATES, ATTRIBUTE_WORDS)
+    templates, words = _phrasing(label, held_out)
     bins = style.bins()
     chosen = rng.sample(ATTRIBUTES, rng.randint(1, len(ATTRIBUTES)))
-    phrases = [rng.choice(words[bins[attribute]]) for attribute in chosen]
-    digit = str(label) if rng.random() < 0.5 else NUMBER_WORDS[label]
-    return rng.choice(templates).format(digit=digit, attributes=", ".join(phrases))
+    return _sentence(label, [rng.choice(words[bins[attribute]]) for attribute in chosen], templates, rng)
 
 
 def prompt_for(label: int, wanted: dict[str, str], rng: random.Random, held_out: bool = False) -> str:
     """A prompt asking for digit `label` with the attribute bins `wanted` (e.g. `{"thickness": "bold"}`), in a
     random training (or held-out) phrasing: what prompt-adherence evaluation asks a model for."""
-    if not 0 <= label <= 9:
-        raise ValueError(f"label must be a digit 0..9, got {label!r}.")
-    templates, words = (HELD_OUT_TEMPLATES, HELD_OUT_WORDS) if held_out else (TEMPLATES, ATTRIBUTE_WORDS)
+    templates, words = _phrasing(label, held_out)
     unknown = {
         attribute: word for attribute, word in wanted.items() if attribute not in ATTRIBUTES or word not in words
     }
@@ -148,8 +155,7 @@ def prompt_for(label: int, wanted: dict[str, str], rng: random.Random, held_out:
         raise ValueError(f"wanted must map some of {list(ATTRIBUTES)} to their bin words; got {wanted!r}.")
     phrases = [rng.choice(words[word]) for word in wanted.values()]
     rng.shuffle(phrases)
-    digit = str(label) if rng.random() < 0.5 else NUMBER_WORDS[label]
-    return rng.choice(templates).format(digit=digit, attributes=", ".join(phrases))
+    return _sentence(label, phrases, templates, rng)
 
 
 def style_bin_shares(images) -> dict[str, dict[str, float]]:
