@@ -217,7 +217,7 @@ def inception_metrics(
     Follows torch-fidelity: 8-bit images, bilinear resize to 299 px inside the network's wrapper, 2048-d pool3
     features, FID in float64, KID as the mean unbiased cubic-kernel MMD^2 over 100 subsets of up to 1,000.
     """
-    from .metrics import frechet_distance, kernel_inception_distance, small_sample_warning
+    from .metrics import count_nonfinite, frechet_distance, kernel_inception_distance, small_sample_warning
 
     if images.shape[0] < 2:
         raise ValueError(f"Inception FID needs at least 2 generated samples, got {images.shape[0]}.")
@@ -230,7 +230,7 @@ def inception_metrics(
         "inception_fid_num_samples": int(images.shape[0]),
         "inception_fid_num_reference_samples": int(real.shape[0]),
         "small_sample_warning": small_sample_warning(int(images.shape[0])),
-        "num_nonfinite_samples": int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum()),
+        "num_nonfinite_samples": count_nonfinite(images),
         "not_computable": None,
     }
     if results["num_nonfinite_samples"]:

@@ -188,6 +188,11 @@ class _PrecomputedFeatures(nn.Module):
         return features
 
 
+def count_nonfinite(rows: torch.Tensor) -> int:
+    """How many rows (samples: images or feature vectors) hold a NaN or infinite value."""
+    return int((~torch.isfinite(rows.reshape(rows.shape[0], -1))).any(dim=1).sum())
+
+
 def _check_feature_sets(real_features: torch.Tensor, fake_features: torch.Tensor, metric: str, minimum: int = 2):
     for name, features in (("real", real_features), ("generated", fake_features)):
         if features.ndim != 2:
@@ -195,7 +200,7 @@ def _check_feature_sets(real_features: torch.Tensor, fake_features: torch.Tensor
         if features.shape[0] < minimum:
             raise ValueError(f"{metric} needs at least {minimum} {name} samples, got {features.shape[0]}.")
         # NaN reaching the matrix square root crashes inside LAPACK (a segfault, no traceback): refuse it here.
-        nonfinite = int((~torch.isfinite(features)).any(dim=1).sum())
+        nonfinite = count_nonfinite(features)
         if nonfinite:
             raise ValueError(
                 f"{metric}: {nonfinite} of {features.shape[0]} {name} feature rows are not finite (NaN or inf)."
@@ -347,7 +352,7 @@ def compute_metrics(
     if features.shape[0] < 2:
         raise ValueError(f"FID-MNIST needs at least 2 generated samples, got {features.shape[0]}.")
     real = reference["features"]
-    nonfinite = int((~torch.isfinite(features)).any(dim=1).sum())
+    nonfinite = count_nonfinite(features)
     if nonfinite:
         return not_computable_results(int(features.shape[0]), nonfinite, int(real.shape[0]))
     kid_mean, kid_std = kernel_inception_distance(real, features)
@@ -394,7 +399,7 @@ def evaluate_images(
         )
     reference = reference_features(classifier)
     # Detected before any metric: a NaN image would otherwise reach the FID matrix square root.
-    nonfinite = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum())
+    nonfinite = count_nonfinite(images)
     if nonfinite:
         return not_computable_results(int(images.shape[0]), nonfinite, int(reference["features"].shape[0]))
     features, logits = classifier_outputs(to_classifier_input(images, value_range), classifier)
