@@ -37,6 +37,13 @@ class CheckedLoadingMixin:
     """`from_pretrained` that loads safetensors only and refuses missing, extra or non-finite tensors."""
 
     @classmethod
+    def _dict_from_json_file(cls, json_file):
+        config = super()._dict_from_json_file(json_file)
+        # A self-contained folder's `auto_map` is read by `diffusers.AutoModel`; it is not a setting of the model.
+        config.pop("auto_map", None)
+        return config
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         if kwargs.get("use_safetensors") is False:
             raise ValueError(

@@ -4,7 +4,9 @@ After `import pipelines`, plain `DiffusionPipeline.from_pretrained(folder_or_rep
 class with its components: diffusers resolves a saved pipeline's `_class_name` as an attribute of the
 `diffusers` module, and a component's recorded module (e.g. `custom_models.unet`) as an attribute of
 `diffusers.pipelines` (needed for Hub repo ids) or from `sys.modules`. No `trust_remote_code`, no
-`custom_pipeline`.
+`custom_pipeline`. A self-contained folder (`save_pretrained(..., self_contained=True)`, `push_to_hub`) names the
+code generated into it; diffusers reads its `model_index.json` as naming the installed classes instead
+(`self_contained.use_installed_code`), so it loads the same way and its code never runs here.
 """
 
 import sys
@@ -12,7 +14,7 @@ import types
 
 import diffusers
 import diffusers.pipelines
-from diffusers import ModelMixin, SchedulerMixin
+from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 import custom_models
 import custom_schedulers
@@ -22,9 +24,11 @@ from .class_conditional import (
     ClassConditionalPipelineOutput,
     ClassConditionalTransformerPipeline,
     ClassConditionalUNetPipeline,
+    DenoisingPipeline,
 )
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import build_lora_model_card, build_model_card
+from .self_contained import read_model_index_with_installed_code, write_code_files
 from .text_to_image import (
     TextToImagePipeline,
     TextToImagePipelineOutput,
@@ -78,6 +82,12 @@ def register_with_diffusers() -> None:
         for value in vars(package).values():
             if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin)):
                 _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
+    DenoisingPipeline.code_writer = write_code_files
+    # `DiffusionPipeline.from_pretrained` and `.download` read model_index.json through this classmethod; only entries
+    # naming our generated modules change (see `self_contained.use_installed_code`).
+    read = DiffusionPipeline._dict_from_json_file.__func__
+    if not getattr(read, "reads_installed_code", False):
+        DiffusionPipeline._dict_from_json_file = classmethod(read_model_index_with_installed_code(read))
 
 
 register_with_diffusers()

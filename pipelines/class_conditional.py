@@ -56,6 +56,10 @@ class DenoisingPipeline(DiffusionPipeline):
     denoiser_name: str
     _optional_components = ["vae"]
     _callback_tensor_inputs = ["latents"]
+    # `save_pretrained(..., self_contained=True)` calls this (pipelines/self_contained.py::write_code_files). `import
+    # pipelines` sets it; it stays None in the code generated into a self-contained folder, which runs where only
+    # diffusers is installed and has no project source to generate from.
+    code_writer: Callable | None = None
 
     def _record_objective(self, objective, prediction_type) -> None:
         if objective not in (None, *OBJECTIVES):
@@ -217,14 +221,27 @@ class DenoisingPipeline(DiffusionPipeline):
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
+        self_contained: bool = False,
         **kwargs,
     ):
-        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card)."""
+        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card).
+
+        `self_contained=True` also writes the code of the pipeline and of its custom components into the folder
+        (generated from this project's source), so that `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` loads it where only diffusers is installed. Where the project is installed (after
+        `import pipelines`), its own code loads the folder, without `trust_remote_code`.
+        """
         hub_kwargs = {
             key: kwargs.pop(key)
             for key in ("repo_id", "token", "private", "commit_message", "create_pr")
             if key in kwargs
         }
+        if self_contained and self.code_writer is None:
+            raise ValueError(
+                "This pipeline runs the code generated into a self-contained folder; `self_contained=True` generates "
+                "that code from the scratch-diffusion project's source, which is not installed here. Copy the folder "
+                "you loaded instead, or save without `self_contained`."
+            )
         super().save_pretrained(
             save_directory,
             safe_serialization=safe_serialization,
@@ -232,9 +249,13 @@ class DenoisingPipeline(DiffusionPipeline):
             max_shard_size=max_shard_size,
             **kwargs,
         )
+        if self_contained:
+            self.code_writer(save_directory)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            self.push_to_hub(repo_id, safe_serialization=safe_serialization, **hub_kwargs)
+            self.push_to_hub(
+                repo_id, safe_serialization=safe_serialization, self_contained=self_contained, **hub_kwargs
+            )
 
     def push_to_hub(
         self,
@@ -246,22 +267,32 @@ class DenoisingPipeline(DiffusionPipeline):
         token: str | None = None,
         create_pr: bool = False,
         safe_serialization: bool = True,
+        self_contained: bool = True,
     ) -> str:
         """Upload the pipeline with a model card and a sample grid; returns the commit URL.
 
-        `model_card` defaults to `build_model_card` filled from this pipeline's components; `sample_grid` (an
-        image or a path) defaults to a freshly sampled grid. The token is only sent to the Hub, never written.
+        `self_contained` (default) uploads the code of the pipeline and its components too (see `save_pretrained`),
+        so that people with only diffusers load the repo with `trust_remote_code=True`. `model_card` defaults to
+        `build_model_card` filled from this pipeline's components (with both ways to load and the code files it
+        runs); `sample_grid` (an image or a path) defaults to a freshly sampled grid. The token is only sent to the
+        Hub, never written.
         """
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if model_card is None:
-            model_card = build_model_card(repo_id, pipeline=self)
         if sample_grid is None:
             sample_grid = self.sample_grid()
         elif not isinstance(sample_grid, PIL.Image.Image):
             sample_grid = PIL.Image.open(sample_grid)
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization)
+            self.save_pretrained(folder, safe_serialization=safe_serialization, self_contained=self_contained)
+            if model_card is None:
+                code_files = sorted(
+                    os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                    for root, _, names in os.walk(folder)
+                    for name in names
+                    if name.endswith(".py")
+                )
+                model_card = build_model_card(repo_id, pipeline=self, code_files=code_files if self_contained else None)
             sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
             model_card.save(os.path.join(folder, "README.md"))
             commit = api.upload_folder(

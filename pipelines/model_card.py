@@ -40,8 +40,13 @@ def _usage_snippet(
     guidance_scale: float,
     lora: str | None = None,
     text: bool = False,
+    load: str = "registered",
 ) -> str:
-    """Code that loads `repo_id` (with adapter `lora` on top, if given) and samples a few images, runnable as written."""
+    """Code that loads `repo_id` (with adapter `lora` on top, if given) and samples a few images, runnable as written.
+
+    `load`: `"registered"` (the project installed: `import pipelines`, then `DiffusionPipeline.from_pretrained`) or
+    `"remote_code"` (only diffusers: `trust_remote_code=True` runs the code generated into a self-contained repo).
+    """
     adapter = []
     if lora is not None:
         adapter = [
@@ -61,19 +66,47 @@ def _usage_snippet(
         )
     else:
         call = f"images = pipe(num_images_per_label=4, num_inference_steps={num_inference_steps}, generator=torch.manual_seed(0)).images"
-    return "\n".join(
-        [
-            "import torch",
+    if load == "registered":
+        loading = [
             "from diffusers import DiffusionPipeline",
             "",
             "import pipelines  # registers this project's pipeline and component classes on diffusers",
             "",
             f'pipe = DiffusionPipeline.from_pretrained("{repo_id}")',
-            *adapter,
-            call,
-            'images[0].save("sample.png")',
         ]
-    )
+    elif load == "remote_code":
+        loading = [
+            "from diffusers import DiffusionPipeline",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)',
+        ]
+    else:
+        raise ValueError(f"`load` must be 'registered' or 'remote_code', got {load!r}.")
+    return "\n".join(["import torch", *loading, *adapter, call, 'images[0].save("sample.png")'])
+
+
+def _usage_sections(pipeline, repo_id, num_classes, num_inference_steps, guidance_scale, text, code_files) -> list[str]:
+    """How to load the repo: with the project installed, and, for a self-contained repo, with only diffusers."""
+    settings = (repo_id, num_classes, num_inference_steps, guidance_scale)
+    if not code_files:
+        return [
+            "With this project installed (`pip install .` in its repository), no `trust_remote_code` needed:",
+            "```python\n" + _usage_snippet(*settings, text=text) + "\n```",
+        ]
+    denoiser = pipeline.denoiser_name
+    files = ", ".join(f"`{name}`" for name in code_files)
+    return [
+        "With only diffusers installed (`pip install diffusers transformers peft`), `trust_remote_code=True` runs the "
+        f"code this repo carries: {files}. It was generated from the scratch-diffusion project's source when the "
+        "repo was pushed and imports only the standard library, torch, numpy, PIL, diffusers, transformers, peft, "
+        "safetensors and huggingface_hub; read it before you trust it.",
+        "```python\n" + _usage_snippet(*settings, text=text, load="remote_code") + "\n```",
+        f'The denoiser alone: `AutoModel.from_pretrained("{repo_id}", subfolder="{denoiser}", '
+        "trust_remote_code=True)` (`from diffusers import AutoModel`).",
+        "With this project installed (`pip install .` in its repository), its own code loads the repo and nothing in "
+        "the repo runs (no `trust_remote_code`):",
+        "```python\n" + _usage_snippet(*settings, text=text) + "\n```",
+    ]
 
 
 def build_model_card(
@@ -88,8 +121,9 @@ def build_model_card(
     num_inference_steps: int = 25,
     guidance_scale: float = 1.0,
     training_details: str | None = None,
+    code_files: list[str] | None = None,
 ) -> ModelCard:
-    """A Hub model card for a class-conditional pipeline.
+    """A Hub model card for a class-conditional or text-to-image pipeline.
 
     Args:
         repo_id: the Hub repo the card describes (used in the usage snippet).
@@ -103,7 +137,11 @@ def build_model_card(
         license: the weights' licence (a Hub licence id).
         num_inference_steps, guidance_scale: the settings shown in the usage snippet.
         training_details: free text (recipe, steps, hardware) added under "Training".
+        code_files: the generated code files of a self-contained repo (`push_to_hub`); the card then shows how to
+            load it with only diffusers (`trust_remote_code=True`) and with the project installed.
     """
+    if code_files and pipeline is None:
+        raise ValueError("`code_files` describe a pipeline's repo: pass `pipeline` too.")
     if pipeline is None and (architecture is None or objective is None):
         raise ValueError("Pass `pipeline`, or both `architecture` and `objective`.")
     architecture = architecture or infer_architecture(pipeline)
@@ -154,8 +192,7 @@ def build_model_card(
         summary,
         f"![Samples{', one row per prompt' if text else ', one row per class' if num_classes else ''}]({SAMPLE_GRID_FILENAME})",
         "## Usage",
-        "With this project installed (`pip install .` in its repository), no `trust_remote_code` needed:",
-        "```python\n" + _usage_snippet(repo_id, num_classes, num_inference_steps, guidance_scale, text=text) + "\n```",
+        *_usage_sections(pipeline, repo_id, num_classes, num_inference_steps, guidance_scale, text, code_files),
     ]
     sections += _metrics_section(metrics)
     if training_details:
