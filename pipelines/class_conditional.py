@@ -286,13 +286,13 @@ class DenoisingPipeline(DiffusionPipeline):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, self_contained=self_contained)
             if model_card is None:
-                code_files = sorted(
+                written = sorted(
                     os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
                     for root, _, names in os.walk(folder)
                     for name in names
                     if name.endswith(".py")
                 )
-                model_card = build_model_card(repo_id, pipeline=self, code_files=code_files if self_contained else None)
+                model_card = build_model_card(repo_id, pipeline=self, code_files=written or None)
             sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
             model_card.save(os.path.join(folder, "README.md"))
             commit = api.upload_folder(

@@ -311,6 +311,18 @@ def _is_ours(cls: type) -> bool:  # a class defined in this project's source
     return _is_project_module(cls.__module__) and cls.__module__ in sys.modules
 
 
+def code_files(pipeline) -> dict[str, type]:
+    """The files `write_code_files` writes for `pipeline` (path in the folder -> the class it is generated for)."""
+    pipeline_class = type(pipeline)
+    if not _is_ours(pipeline_class):
+        raise ValueError(f"{pipeline_class.__name__} is not one of this project's pipelines; cannot generate its code.")
+    files = {pipeline_module_name(pipeline_class) + ".py": pipeline_class}
+    for name, component in pipeline.components.items():
+        if isinstance(component, (ModelMixin, SchedulerMixin)) and _is_ours(type(component)):
+            files[f"{name}/{component_module_name(type(component))}.py"] = type(component)
+    return dict(sorted(files.items()))
+
+
 def write_code_files(pipeline, folder: str | os.PathLike) -> list[str]:
     """Turn a folder written by `pipeline.save_pretrained` into a self-contained one; returns the files written.
 
@@ -319,29 +331,21 @@ def write_code_files(pipeline, folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
-    pipeline_class = type(pipeline)
-    if not _is_ours(pipeline_class):
-        raise ValueError(f"{pipeline_class.__name__} is not one of this project's pipelines; cannot generate its code.")
-    components = {
-        name: type(component)
-        for name, component in pipeline.components.items()
-        if isinstance(component, (ModelMixin, SchedulerMixin)) and _is_ours(type(component))
-    }
-    written = []
     stand_ins = tuple(
         value
         for package in ("custom_models", "custom_schedulers")
         for value in vars(importlib.import_module(package)).values()
         if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin))
     )
-    pipeline_file = pipeline_module_name(pipeline_class) + ".py"
-    (folder / pipeline_file).write_text(bundle(pipeline_class, stand_ins=stand_ins))
-    written.append(pipeline_file)
-    index["_class_name"] = [pipeline_module_name(pipeline_class), pipeline_class.__name__]
-    for name, cls in components.items():
-        module_name = component_module_name(cls)
-        (folder / name / f"{module_name}.py").write_text(bundle(cls))
-        written.append(f"{name}/{module_name}.py")
+    files = code_files(pipeline)
+    for path, cls in files.items():
+        module_name = path.rpartition("/")[2].removesuffix(".py")
+        if "/" not in path:  # the pipeline module, at the root
+            (folder / path).write_text(bundle(cls, stand_ins=stand_ins))
+            index["_class_name"] = [module_name, cls.__name__]
+            continue
+        name = path.partition("/")[0]
+        (folder / path).write_text(bundle(cls))
         index[name] = [module_name, cls.__name__]
         if issubclass(cls, ModelMixin):
             auto_map = {"AutoModel": f"{module_name}.{cls.__name__}"}
@@ -349,11 +353,11 @@ def write_code_files(pipeline, folder: str | os.PathLike) -> list[str]:
             config = json.loads(config_path.read_text())
             config["auto_map"] = auto_map
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if name == getattr(pipeline, "denoiser_name", None):
+            if name == pipeline.denoiser_name:
                 # `AutoModel.from_pretrained(repo, subfolder=...)` reads `auto_map` from model_index.json first.
                 index["auto_map"] = auto_map
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return written
+    return list(files)
 
 
 def use_installed_code(config: dict) -> dict:

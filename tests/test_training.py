@@ -332,7 +332,13 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
     ]
     files = hub.repos["user/mnist-tiny"].resolve("main")[1]
     assert {"model_index.json", "README.md", "samples.png", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
-    assert 'from_pretrained("user/mnist-tiny")' in files["README.md"].decode()
+    # A pushing run writes best/ self-contained: the generated code travels with it, and the card says how to load it.
+    assert {"pipeline_class_conditional.py", "unet/scratch_unet.py"} <= set(files)
+    card = files["README.md"].decode()
+    assert (
+        'from_pretrained("user/mnist-tiny")' in card
+        and 'from_pretrained("user/mnist-tiny", trust_remote_code=True)' in card
+    )
     assert f"Bearer {HUB_TOKEN}" in hub.authorizations
 
 

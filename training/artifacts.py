@@ -17,6 +17,7 @@ from atomic_files import write_atomically, write_text_atomically
 from pipelines import build_lora_model_card, build_model_card
 from pipelines.images import image_grid, save_trajectory_gif
 from pipelines.model_card import SAMPLE_GRID_FILENAME
+from pipelines.self_contained import code_files
 
 from .config import RunConfig, save_config, to_dict
 
@@ -184,8 +185,13 @@ def write_run_folder(destination: Path, save_weights: Callable[[Path], None], *,
 
 
 def save_pipeline_folder(pipeline, destination: Path, *, config, grid, metrics: list[dict], details: str) -> None:
-    """A `from_pretrained`-loadable pipeline folder with model card, sample grid and training config."""
+    """A `from_pretrained`-loadable pipeline folder with model card, sample grid and training config.
+
+    A run that pushes to the Hub writes it self-contained (the generated code of the pipeline and its components,
+    `pipelines/self_contained.py`), so that the uploaded `best/` loads with only diffusers too; the card says so.
+    """
     dataset, license = card_dataset_and_license(config.data)
+    self_contained = config.hub.push_to_hub
     card = build_model_card(
         card_repo_id(config, destination),
         pipeline=pipeline,
@@ -198,8 +204,13 @@ def save_pipeline_folder(pipeline, destination: Path, *, config, grid, metrics: 
         if pipeline.denoiser.config.num_classes or hasattr(pipeline, "encode_prompt")
         else 1.0,
         training_details=details,
+        code_files=list(code_files(pipeline)) if self_contained else None,
     )
-    write_run_folder(destination, pipeline.save_pretrained, card=card, grid=grid, config=config)
+
+    def save(folder: Path) -> None:
+        pipeline.save_pretrained(folder, self_contained=self_contained)
+
+    write_run_folder(destination, save, card=card, grid=grid, config=config)
 
 
 def save_adapter_folder(
