@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 import custom_models
 import custom_schedulers
+from demo.space import write_space_files
 
 from .class_conditional import (
     ClassConditionalPipeline,
@@ -83,6 +84,7 @@ def register_with_diffusers() -> None:
             if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin)):
                 _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
     DenoisingPipeline.code_writer = write_code_files
+    DenoisingPipeline.space_writer = staticmethod(write_space_files)
     # `DiffusionPipeline.from_pretrained` and `.download` read model_index.json through this classmethod; only entries
     # naming our generated modules change (see `self_contained.use_installed_code`).
     read = DiffusionPipeline._dict_from_json_file.__func__

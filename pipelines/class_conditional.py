@@ -60,6 +60,8 @@ class DenoisingPipeline(DiffusionPipeline):
     # pipelines` sets it; it stays None in the code generated into a self-contained folder, which runs where only
     # diffusers is installed and has no project source to generate from.
     code_writer: Callable | None = None
+    # `push_to_hub(..., space_id=...)` calls this (demo/space.py::write_space_files); set and None in the same way.
+    space_writer: Callable | None = None
 
     def _record_objective(self, objective, prediction_type) -> None:
         if objective not in (None, *OBJECTIVES):
@@ -268,15 +270,24 @@ class DenoisingPipeline(DiffusionPipeline):
         create_pr: bool = False,
         safe_serialization: bool = True,
         self_contained: bool = True,
+        space_id: str | None = None,
     ) -> str:
         """Upload the pipeline with a model card and a sample grid; returns the commit URL.
 
         `self_contained` (default) uploads the code of the pipeline and its components too (see `save_pretrained`),
         so that people with only diffusers load the repo with `trust_remote_code=True`. `model_card` defaults to
         `build_model_card` filled from this pipeline's components (with both ways to load and the code files it
-        runs); `sample_grid` (an image or a path) defaults to a freshly sampled grid. The token is only sent to the
-        Hub, never written.
+        runs); `sample_grid` (an image or a path) defaults to a freshly sampled grid. `space_id` also creates (or
+        updates) a Gradio Space of that id serving the demo page for this repo (demo/space.py). The token is only
+        sent to the Hub, never written.
         """
+        if space_id is not None and not self_contained:
+            raise ValueError(
+                "A Space runs with only diffusers installed, so it needs the model repo's generated code: "
+                "drop `self_contained=False` or `space_id`."
+            )
+        if space_id is not None and self.space_writer is None:
+            raise ValueError("Writing a demo Space needs the scratch-diffusion project installed (`demo/space.py`).")
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if sample_grid is None:
@@ -301,6 +312,16 @@ class DenoisingPipeline(DiffusionPipeline):
                 commit_message=commit_message or f"Upload {self.__class__.__name__}",
                 create_pr=create_pr,
             )
+        if space_id is not None:
+            space = api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            with tempfile.TemporaryDirectory() as folder:
+                self.space_writer(folder, repo_id)
+                api.upload_folder(
+                    repo_id=space.repo_id,
+                    repo_type="space",
+                    folder_path=folder,
+                    commit_message=f"Demo page for {repo_id}",
+                )
         return commit.commit_url
 
 

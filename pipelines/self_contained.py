@@ -30,7 +30,19 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# This project's top-level packages (setup.cfg's `packages.find` list; a test keeps the two equal): their code is
+# inlined into generated modules, every other import stays an import.
+PROJECT_PACKAGES = (
+    "atomic_files",
+    "commands",
+    "custom_models",
+    "custom_schedulers",
+    "demo",
+    "evaluation",
+    "image_data",
+    "pipelines",
+    "training",
+)
 # What generated code may import besides the standard library: diffusers and what diffusers-based code needs.
 ALLOWED_LIBRARIES = ("torch", "numpy", "PIL", "diffusers", "transformers", "peft", "safetensors", "huggingface_hub")
 COMPONENT_MODULE_PREFIX = "scratch_"
@@ -41,9 +53,8 @@ class BundleError(ValueError):
     """Project code that cannot be turned into a self-contained module (says which file and line)."""
 
 
-def _is_project_module(name: str, project_root: Path = PROJECT_ROOT) -> bool:
-    top = name.split(".")[0]
-    return (project_root / top / "__init__.py").is_file() or (project_root / f"{top}.py").is_file()
+def _is_project_module(name: str, project_packages: tuple[str, ...] = PROJECT_PACKAGES) -> bool:
+    return name.split(".")[0] in project_packages
 
 
 def _statement_names(node: ast.stmt, where: str) -> list[str]:
@@ -81,12 +92,12 @@ def _used_names(node: ast.stmt) -> set[str]:
 class _ParsedModule:
     """One project module: its statements, what each binds and uses, and where its imports come from."""
 
-    def __init__(self, name: str, project_root: Path):
+    def __init__(self, name: str, project_packages: tuple[str, ...]):
         module = importlib.import_module(name)
         self.name = name
-        self.project_root = project_root
+        self.project_packages = project_packages
         self.path = Path(module.__file__)
-        self.relative_path = self.path.relative_to(project_root).as_posix()
+        self.relative_path = name.replace(".", "/") + ("/__init__.py" if self.path.name == "__init__.py" else ".py")
         self.lines = self.path.read_text().splitlines()
         tree = ast.parse("\n".join(self.lines), filename=str(self.path))
         self.docstring = ast.get_docstring(tree)
@@ -104,7 +115,7 @@ class _ParsedModule:
                     raise BundleError(f"{where}: `from __future__` imports change every bundled module; not supported.")
                 for alias in node.names:
                     bound = alias.asname or alias.name
-                    if _is_project_module(source, project_root):
+                    if _is_project_module(source, project_packages):
                         if alias.asname not in (None, alias.name):
                             raise BundleError(f"{where}: `import ... as` of project names cannot be bundled.")
                         self.imported[bound] = ("project", source, alias.name)
@@ -112,7 +123,7 @@ class _ParsedModule:
                         self.imported[bound] = ("from", source, alias.name, alias.asname)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
-                    if _is_project_module(alias.name, project_root):
+                    if _is_project_module(alias.name, project_packages):
                         raise BundleError(f"{where}: `import {alias.name}` of a project module cannot be bundled.")
                     bound = alias.asname or alias.name.split(".")[0]
                     self.imported[bound] = ("import", alias.name, alias.asname)
@@ -140,12 +151,12 @@ def _check_external(module: str, where: str) -> None:
         )
 
 
-def bundle(root: type, stand_ins: tuple[type, ...] = (), project_root: Path = PROJECT_ROOT) -> str:
+def bundle(root: type, stand_ins: tuple[type, ...] = (), project_packages: tuple[str, ...] = PROJECT_PACKAGES) -> str:
     """The source of one module that defines `root` and everything it needs from this project.
 
     `stand_ins`: project classes that are not inlined but bound to their diffusers base class (`ModelMixin` or
-    `SchedulerMixin`); used for the component classes a pipeline names in its annotations. `project_root`: the
-    folder whose packages count as the project (inlined) rather than as libraries (imported).
+    `SchedulerMixin`); used for the component classes a pipeline names in its annotations. `project_packages`: the
+    top-level packages that count as the project (inlined) rather than as libraries (imported).
     """
     parsed: dict[str, _ParsedModule] = {}
     included: dict[str, set[int]] = {}
@@ -155,7 +166,7 @@ def bundle(root: type, stand_ins: tuple[type, ...] = (), project_root: Path = PR
 
     def parse(name: str) -> _ParsedModule:
         if name not in parsed:
-            parsed[name] = _ParsedModule(name, project_root)
+            parsed[name] = _ParsedModule(name, project_packages)
             included[name] = set()
             depends_on[name] = set()
         return parsed[name]
@@ -230,7 +241,7 @@ def _check_nested_import(module: _ParsedModule, node: ast.stmt) -> None:
         else [alias.name for alias in node.names]
     )
     for source in sources:
-        if _is_project_module(source, module.project_root):
+        if _is_project_module(source, module.project_packages):
             raise BundleError(
                 f"{where}: a function imports the project module {source!r}; bundled code cannot (it must run where "
                 "only diffusers is installed). Import it at the top of the module, or keep the function out of the "

@@ -2,7 +2,8 @@
 
 It answers the endpoints huggingface_hub 2.4 uses (found by running its push and download against a logging server):
 create a repo, preupload (every file "regular", i.e. inline in the commit), commit (NDJSON with base64
-files), validate YAML, repo info, file tree, and `resolve` (HEAD/GET) with `X-Repo-Commit` and `ETag`.
+files), validate YAML, repo info, file tree, and `resolve` (HEAD/GET) with `X-Repo-Commit` and `ETag`; model repos
+in `repos`, Space repos (`repo_type="space"`) in `spaces`.
 Bounded: loopback only, request bodies up to `MAX_BODY_BYTES`, and it shuts itself down after
 `lifetime_s` seconds even if nobody stops it. Usage:
 
@@ -52,6 +53,7 @@ class FakeHub:
 
     def __init__(self, lifetime_s: float = 300.0):
         self.repos = {}
+        self.spaces = {}  # Space repos: the same commits, under /api/spaces/... and /spaces/.../resolve/...
         self.authorizations = []
         self.requests = []
         self.unrouted = []  # requests this fake does not know: a test should assert there are none
@@ -139,31 +141,38 @@ def _handler_for(hub: FakeHub):
             repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else request["name"]
             if "/" not in repo_id:
                 raise ValueError("this fake Hub needs a namespaced repo id ('user/repo')")
-            if repo_id in hub.repos:
-                return self._error(409, "RepoExists", f"You already created this model repo: {repo_id}")
-            hub.repos[repo_id] = Repo(repo_id)
+            kind = request.get("type") or "model"
+            if kind not in ("model", "space"):
+                raise ValueError(f"this fake Hub holds model and space repos, not {kind!r}")
+            repos = hub.spaces if kind == "space" else hub.repos
+            if kind == "space" and request.get("sdk") not in ("gradio", "streamlit", "docker", "static"):
+                raise ValueError(f"a Space needs an sdk, got {request.get('sdk')!r}")
+            if repo_id in repos:
+                return self._error(409, "RepoExists", f"You already created this {kind} repo: {repo_id}")
+            repos[repo_id] = Repo(repo_id)
             self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
         def validate_yaml(self):
             self._body()
             self._json({"errors": [], "warnings": []})
 
-        def _repo(self, repo: str):
-            if repo not in hub.repos:
+        def _repo(self, repo: str, kind: str = "models"):
+            repos = hub.spaces if kind == "spaces" else hub.repos
+            if repo not in repos:
                 self._error(404, "RepoNotFound", f"Repository Not Found for url: {hub.url}/{repo}")
                 return None
-            return hub.repos[repo]
+            return repos[repo]
 
-        def preupload(self, repo: str, revision: str):
+        def preupload(self, repo: str, revision: str, kind: str = "models"):
             files = json.loads(self._body())["files"]
-            if self._repo(repo):
+            if self._repo(repo, kind):
                 self._json(
                     {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
                 )
 
-        def commit(self, repo: str, revision: str):
+        def commit(self, repo: str, revision: str, kind: str = "models"):
             lines = [json.loads(line) for line in self._body().splitlines() if line.strip()]
-            repository = self._repo(repo)
+            repository = self._repo(repo, kind)
             if not repository:
                 return
             added, deleted, message = {}, set(), ""
@@ -239,8 +248,8 @@ def _handler_for(hub: FakeHub):
     ROUTES = [
         ("POST", r"/api/repos/create", Handler.create_repo),
         ("POST", r"/api/validate-yaml", Handler.validate_yaml),
-        ("POST", rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)", Handler.preupload),
-        ("POST", rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)", Handler.commit),
+        ("POST", rf"/api/(?P<kind>models|spaces)/{REPO}/preupload/(?P<revision>[^/]+)", Handler.preupload),
+        ("POST", rf"/api/(?P<kind>models|spaces)/{REPO}/commit/(?P<revision>[^/]+)", Handler.commit),
         ("GET", rf"/api/models/{REPO}", Handler.model_info),
         ("GET", rf"/api/models/{REPO}/revision/(?P<revision>[^/]+)", Handler.model_info),
         ("GET", rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)(?:/(?P<folder>.*))?", Handler.tree),

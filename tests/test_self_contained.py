@@ -13,10 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import make_image_grid
 from packaging.version import Version
 from pipeline_helpers import CALL, run, tiny_pipeline
 from safetensors.torch import load_file
@@ -28,8 +30,9 @@ from pipelines.self_contained import ALLOWED_LIBRARIES, BundleError, bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_fakeTokenForLoopbackTestsOnly0123456789"
-# What a diffusers user has: the libraries diffusers-based code needs, and nothing of this project.
-DIFFUSERS_ONLY_PACKAGES = ("torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "peft")
+# What a diffusers user has: the libraries diffusers-based code needs, and nothing of this project; plus gradio, which
+# a Space has (the pushed demo Space runs there too).
+DIFFUSERS_ONLY_PACKAGES = ("torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "peft", "gradio")
 TEXT_CALL = dict(prompt=["a bold 7", "a thin 3"], guidance_scale=2.0, num_inference_steps=2, output_type="pt")
 
 PIPELINE_CLASSES = [
@@ -77,6 +80,16 @@ def test_generated_modules_import_only_the_standard_library_and_diffusers_librar
     assert namespace[cls.__name__].__name__ == cls.__name__
 
 
+def test_the_project_packages_are_the_packages_setup_cfg_installs():
+    import configparser
+
+    from pipelines.self_contained import PROJECT_PACKAGES
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    assert sorted(config["options.packages.find"]["include"].split()) == sorted(PROJECT_PACKAGES)
+
+
 def write_fake_project(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name
@@ -116,7 +129,7 @@ def test_bundle_refuses_what_it_cannot_generate_faithfully(tmp_path, monkeypatch
     package = next(iter(files)).split("/")[0]
     root = importlib.import_module(f"{package}.m").Root
     with pytest.raises(BundleError, match=match):
-        bundle(root, project_root=tmp_path)
+        bundle(root, project_packages=(package,))
 
 
 def test_a_self_contained_folder_loads_with_the_installed_project_and_runs_none_of_its_code(tmp_path):
@@ -202,7 +215,8 @@ import pipelines
 work, token, repos = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 for repo, call in repos.items():
     pipe = DiffusionPipeline.from_pretrained(f"{work}/local/{repo}")
-    pipe.push_to_hub(f"user/{repo}", sample_grid=f"{work}/grid.png", token=token)
+    space = "user/unet-demo" if repo == "unet" else None  # the demo page as a Space, next to the model
+    pipe.push_to_hub(f"user/{repo}", sample_grid=f"{work}/grid.png", token=token, space_id=space)
 loaded = DiffusionPipeline.from_pretrained("user/unet")  # the project's own code, no trust_remote_code
 loaded.set_progress_bar_config(disable=True)
 images = loaded(**repos["unet"], generator=torch.Generator("cpu").manual_seed(0)).images
@@ -249,6 +263,19 @@ readme = open(hf_hub_download("user/unet", "README.md")).read()
 snippet = re.search(r"```python\\n(.*?)```", readme, re.S).group(1)
 exec(compile(snippet, "README.md", "exec"), {"__name__": "__main__"})
 report["card"] = readme
+
+# The pushed Space's app, run from its own files: it opens on its model and runs no other repo's code.
+sys.path.insert(0, f"{work}/space")
+import app
+pipe = app.load_pipeline(app.configured_pipeline())
+grid, frames = app.sample(pipe, digit="seven", prompt=None, negative_prompt=None, sampler="saved", steps=2,
+                          guidance=2.0, seed=0, count=2)
+grid.save(f"{work}/space_grid.png")
+report["space"] = [app.configured_pipeline(), app.PROJECT_INSTALLED, len(frames)]
+try:
+    app.load_pipeline("user/dit")
+except app.DemoError as error:
+    report["space_refusal"] = str(error)
 json.dump(report, open(f"{work}/report.json", "w"))
 """
 
@@ -279,6 +306,10 @@ def test_a_diffusers_only_environment_loads_pushed_repos_with_trust_remote_code(
         targets = adapted.unet.default_lora_target_modules
         adapted.unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
         expected["unet_lora"] = run(adapted)
+        # What the Space's page shows for digit 7, two images, two steps, guidance 2, seed 0.
+        space_call = dict(class_labels=[7], num_images_per_label=2, num_inference_steps=2, guidance_scale=2.0)
+        images = pipes["unet"](**space_call, generator=torch.Generator("cpu").manual_seed(0)).images
+        expected["space_grid"] = make_image_grid(images, rows=1, cols=2)
     finally:
         torch.set_num_threads(threads)
     assert not torch.equal(expected["unet_lora"], expected["unet"])
@@ -295,6 +326,9 @@ def test_a_diffusers_only_environment_loads_pushed_repos_with_trust_remote_code(
             timeout=300,
         )
         assert pushed.returncode == 0, pushed.stderr[-4000:]
+        for name, data in hub.spaces["user/unet-demo"].resolve("main")[1].items():
+            (tmp_path / "space" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "space" / name).write_bytes(data)
         loaded = subprocess.run(
             [str(diffusers_only_python), "-I", "-c", LOAD_SCRIPT, str(tmp_path), json.dumps(calls)],
             capture_output=True,
@@ -339,5 +373,18 @@ def test_a_diffusers_only_environment_loads_pushed_repos_with_trust_remote_code(
     ):
         assert text in card, text
     assert (tmp_path / "sample.png").is_file()  # the card's diffusers-only snippet ran as written
+
+    # The Space: the demo app as it is in this repository, its model, pinned libraries, and the page it serves.
+    space_files = hub.spaces["user/unet-demo"].resolve("main")[1]
+    assert set(space_files) == {"README.md", "app.py", "demo_config.json", "requirements.txt"}
+    assert space_files["app.py"] == (ROOT / "demo" / "app.py").read_bytes()
+    assert json.loads(space_files["demo_config.json"]) == {"pipeline": "user/unet"}
+    assert f"diffusers=={importlib.metadata.version('diffusers')}" in space_files["requirements.txt"].decode()
+    space_card = space_files["README.md"].decode()
+    assert "sdk: gradio" in space_card and "app_file: app.py" in space_card and "  - user/unet" in space_card
+    assert report["space"] == ["user/unet", False, 3]
+    assert "runs the code of 'user/unet' only" in report["space_refusal"]
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "space_grid.png")), np.asarray(expected["space_grid"]))
+
     text_files = hub.repos["user/text-mmdit"].resolve("main")[1]
     assert {"pipeline_text_to_image.py", "transformer/scratch_mmdit.py", "text_encoder/config.json"} <= set(text_files)
