@@ -48,7 +48,10 @@ OUR_SAMPLERS = {
 }
 MAX_IMAGES = 16
 # Digits are 28 px: shown large with sharp pixels (the image files stay at their true size).
-PAGE_CSS = "#grid img, #animation img, #second_grid img, #second_animation img { image-rendering: pixelated; }"
+PAGE_CSS = (
+    "#grid img, #animation img, #second_grid img, #second_animation img "
+    "{ width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
+)
 GIF_FRAME_MS = 80
 GIF_FINAL_FRAME_MS = 1500
 
@@ -229,9 +232,8 @@ def sample(pipeline, *, digit, prompt, negative_prompt, sampler, steps, guidance
 def save_gif(frames: list[Image.Image], folder: str) -> str:
     """The denoising trajectory as a looping GIF (the final grid held longer); returns its path."""
     path = os.path.join(folder, f"denoising-{time.time_ns()}.gif")
-    scaled = [frame.resize((frame.width * 4, frame.height * 4), Image.NEAREST) for frame in frames]
-    durations = [GIF_FRAME_MS] * (len(scaled) - 1) + [GIF_FINAL_FRAME_MS]
-    scaled[0].save(path, save_all=True, append_images=scaled[1:], duration=durations, loop=0)
+    durations = [GIF_FRAME_MS] * (len(frames) - 1) + [GIF_FINAL_FRAME_MS]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
     return path
 
 
@@ -261,6 +263,17 @@ def error_text(error: Exception) -> str:
     return f"**Error:** {type(error).__name__}: {first_line(error)}"
 
 
+def opening_error(source: str, error: Exception) -> str:
+    """The message for a pipeline that did not load; for the quickstart output not made yet, how to make it."""
+    if (source or "").strip() == DEFAULT_PIPELINE and not Path(DEFAULT_PIPELINE).exists():
+        return (
+            f"No pipeline at `{DEFAULT_PIPELINE}` yet. Make one with `python -m training.train --config "
+            "configs/quickstart.yaml` (the README's quickstart, about 10 minutes on 2 CPU cores), or enter a pipeline "
+            "folder or Hub id."
+        )
+    return error_text(error)
+
+
 def build_demo(default_pipeline: str | None = None) -> gr.Blocks:
     default_pipeline = default_pipeline or configured_pipeline()
     work = tempfile.mkdtemp(prefix="scratch-diffusion-demo-")
@@ -270,14 +283,15 @@ def build_demo(default_pipeline: str | None = None) -> gr.Blocks:
         try:
             pipeline = load_pipeline(source)
         except Exception as error:
-            message = error_text(error)
-            if (source or "").strip() == DEFAULT_PIPELINE and not Path(DEFAULT_PIPELINE).exists():
-                message = (
-                    f"No pipeline at `{DEFAULT_PIPELINE}` yet. Make one with `python -m training.train --config "
-                    "configs/quickstart.yaml` (the README's quickstart), or enter a pipeline folder or Hub id."
-                )
             hidden = gr.update(choices=[], value=None)
-            return message, hidden, gr.update(visible=False), gr.update(visible=False), hidden, hidden
+            return (
+                opening_error(source, error),
+                hidden,
+                gr.update(visible=False),
+                gr.update(visible=False),
+                hidden,
+                hidden,
+            )
         digits, text = digit_choices(pipeline), is_text_pipeline(pipeline)
         samplers = sampler_choices(pipeline)
         return (

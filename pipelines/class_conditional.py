@@ -303,7 +303,7 @@ class DenoisingPipeline(DiffusionPipeline):
                     for name in names
                     if name.endswith(".py")
                 )
-                model_card = build_model_card(repo_id, pipeline=self, code_files=written or None)
+                model_card = build_model_card(repo_id, pipeline=self, code_files=written or None, space_id=space_id)
             sample_grid.save(os.path.join(folder, SAMPLE_GRID_FILENAME))
             model_card.save(os.path.join(folder, "README.md"))
             commit = api.upload_folder(

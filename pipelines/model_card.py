@@ -122,6 +122,7 @@ def build_model_card(
     guidance_scale: float = 1.0,
     training_details: str | None = None,
     code_files: list[str] | None = None,
+    space_id: str | None = None,
 ) -> ModelCard:
     """A Hub model card for a class-conditional or text-to-image pipeline.
 
@@ -139,6 +140,7 @@ def build_model_card(
         training_details: free text (recipe, steps, hardware) added under "Training".
         code_files: the generated code files of a self-contained repo (`push_to_hub`); the card then shows how to
             load it with only diffusers (`trust_remote_code=True`) and with the project installed.
+        space_id: the Gradio Space serving the demo page for this repo (`push_to_hub(..., space_id=...)`), linked.
     """
     if code_files and pipeline is None:
         raise ValueError("`code_files` describe a pipeline's repo: pass `pipeline` too.")
@@ -191,6 +193,7 @@ def build_model_card(
         f"# {model_name}",
         summary,
         f"![Samples{', one row per prompt' if text else ', one row per class' if num_classes else ''}]({SAMPLE_GRID_FILENAME})",
+        *([f"Try it in the browser: [{space_id}](https://huggingface.co/spaces/{space_id})."] if space_id else []),
         "## Usage",
         *_usage_sections(pipeline, repo_id, num_classes, num_inference_steps, guidance_scale, text, code_files),
     ]

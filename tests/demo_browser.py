@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--screenshot", required=True)
     args = parser.parse_args()
     log = Path(args.screenshot).with_suffix(".server.log")
-    with serve_demo(args.pipeline, log) as url, chromium() as driver:
+    with serve_demo(args.pipeline, log) as url, chromium(height=1900) as driver:
         driver.get(url)
         wait_for_status(driver, "Loaded")
         choose(driver, "digit", args.digit)

@@ -118,6 +118,36 @@ def test_bad_pipelines_get_a_readable_message(folders, source, message):
     assert "Traceback" not in app.error_text(error.value)
 
 
+def test_without_the_quickstart_output_the_page_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no outputs/quickstart/best here
+    with pytest.raises(app.DemoError) as error:
+        app.load_pipeline(app.DEFAULT_PIPELINE)
+    message = app.opening_error(app.DEFAULT_PIPELINE, error.value)
+    assert message.startswith("No pipeline at `outputs/quickstart/best` yet") and "configs/quickstart.yaml" in message
+    assert app.opening_error("elsewhere", error.value).startswith("**Error:**")
+
+
+def test_a_text_to_image_pipeline_takes_a_prompt_and_a_negative_prompt(tmp_path):
+    from test_text_to_image import build
+
+    pipe = build("unet", tmp_path)
+    assert app.is_text_pipeline(pipe) and app.digit_choices(pipe) == []
+    text = dict(digit=None, sampler="saved", steps=2, guidance=2.0, seed=1, count=2)
+    grid, _ = app.sample(pipe, prompt="a bold 7", negative_prompt=None, **text)
+    images = pipe(
+        prompt="a bold 7",
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        guidance_scale=2.0,
+        generator=torch.Generator("cpu").manual_seed(1),
+    ).images
+    assert np.array_equal(np.asarray(grid), np.asarray(make_image_grid(images, rows=1, cols=2)))
+    negative, _ = app.sample(pipe, prompt="a bold 7", negative_prompt="a thin 3", **text)
+    assert not np.array_equal(np.asarray(negative), np.asarray(grid))
+    with pytest.raises(app.DemoError, match="Type a prompt"):
+        app.sample(pipe, prompt="  ", negative_prompt=None, **text)
+
+
 def test_bad_settings_get_a_readable_message(folders):
     pipe = app.load_pipeline(str(folders / "unet"))
     for overrides, message in [

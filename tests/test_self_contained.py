@@ -369,6 +369,7 @@ def test_a_diffusers_only_environment_loads_pushed_repos_with_trust_remote_code(
         'DiffusionPipeline.from_pretrained("user/unet", trust_remote_code=True)',
         "`pipeline_class_conditional.py`, `scheduler/scratch_ddpm.py`, `unet/scratch_unet.py`",
         'AutoModel.from_pretrained("user/unet", subfolder="unet", trust_remote_code=True)',
+        "[user/unet-demo](https://huggingface.co/spaces/user/unet-demo)",
         "import pipelines",
     ):
         assert text in card, text
