@@ -18,7 +18,6 @@ from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
 
 import custom_models
 import custom_schedulers
-from demo.space import write_space_files
 
 from .class_conditional import (
     ClassConditionalPipeline,
@@ -69,6 +68,12 @@ def _register(namespace, name: str, value) -> None:
     setattr(namespace, name, value)
 
 
+def _write_space_files(folder, model_repo_id: str) -> list[str]:
+    from demo.space import write_space_files  # imported only when a Space is pushed: pipelines never need the demo
+
+    return write_space_files(folder, model_repo_id)
+
+
 def register_with_diffusers() -> None:
     """Expose the pipeline classes on `diffusers` and the component modules on `diffusers.pipelines`."""
     pipeline_classes = (
@@ -84,7 +89,7 @@ def register_with_diffusers() -> None:
             if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin)):
                 _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
     DenoisingPipeline.code_writer = write_code_files
-    DenoisingPipeline.space_writer = staticmethod(write_space_files)
+    DenoisingPipeline.space_writer = staticmethod(_write_space_files)
     # `DiffusionPipeline.from_pretrained` and `.download` read model_index.json through this classmethod; only entries
     # naming our generated modules change (see `self_contained.use_installed_code`).
     read = DiffusionPipeline._dict_from_json_file.__func__
