@@ -18,6 +18,11 @@ steps, the models of every group take turns in one process, one block of steps e
 change in the machine's load hits all of them alike. The table reports the median step time, images/s,
 and the speed ratio to the group's reference (> 1: faster than the reference).
 
+FLOP utilisation: `torch.utils.flop_counter` counts each model's forward + backward FLOPs of one step (matmuls,
+convolutions, attention; the elementwise rest and AdamW are not counted); divided by the median step time that is
+the model's achieved GFLOP/s, shown as a share of this machine's fp32 matmul peak, measured in the same run
+(a 2048x2048 matmul, best of its timings before, between and after the rounds).
+
 Peak memory is what one training step needs from PyTorch's allocator: the model's persistent tensors
 (parameters, buffers, AdamW state) plus the highest transient allocation during the step (activations,
 gradients, temporaries), measured on CUDA with `torch.cuda.max_memory_allocated` and on CPU with
@@ -28,6 +33,7 @@ allocator overhead and the scratch buffers oneDNN/OpenMP allocate on their own, 
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -107,6 +113,7 @@ class Contender:
     device: torch.device
     step_seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0
+    flops: int = 0  # forward + backward of one training step, as torch's FLOP counter counts them
 
     def __post_init__(self):
         self.model.to(self.device).train()
@@ -326,16 +333,50 @@ def transient_peak_bytes(contender: Contender, batch: Batch) -> int:
     return max(itertools.accumulate(e["args"]["Bytes"] for e in memory_events), default=0)
 
 
-def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int, steps_per_round: int) -> None:
-    """Warm up, measure memory, then time all models in alternating rounds."""
+def train_step_flops(contender: Contender, batch: Batch) -> int:
+    """FLOPs of one step's forward and backward (the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        output = contender.predict(contender.model, batch)
+        F.mse_loss(output, batch.target).backward()
+    contender.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate: the best of `repeats` timed `size`x`size` products, in GFLOP/s."""
+    generator = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    torch.mm(a, b)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int, steps_per_round: int) -> float:
+    """Warm up, count FLOPs, measure memory, then time all models in alternating rounds; returns the matmul peak
+    (GFLOP/s) measured before, halfway through and after the rounds."""
     contenders = [c for group in groups for c in group.contenders]
+    device = contenders[0].device
+    peaks = [matmul_gflops(device)]
     for contender in contenders:
         for _ in range(warmup_steps):
             train_step(contender, batch)
+        contender.flops = train_step_flops(contender, batch)
         # After warm-up, so AdamW's state exists and counts as persistent.
         contender.peak_bytes = contender.persistent_bytes() + transient_peak_bytes(contender, batch)
     start = time.perf_counter()
     for round_index in range(rounds):
+        if round_index == rounds // 2:
+            peaks.append(matmul_gflops(device))
         for group in groups:
             # Reverse the order every other round: neither model always runs right after the other.
             order = group.contenders if round_index % 2 == 0 else group.contenders[::-1]
@@ -344,6 +385,8 @@ def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int
         print(
             f"round {round_index + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True
         )
+    peaks.append(matmul_gflops(device))
+    return max(peaks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,10 +403,11 @@ def interquartile_range(values: list[float]) -> float:
     return high - low
 
 
-def results_table(groups: list[Group], batch_size: int) -> str:
+def results_table(groups: list[Group], batch_size: int, matmul_peak_gflops: float) -> str:
     header = (
-        "| group | model | params (M) | ms/step (median) | IQR (ms) | img/s | speed vs ref | peak MiB | memory ref/this |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| group | model | params (M) | ms/step (median) | IQR (ms) | img/s | speed vs ref | GFLOP/step | GFLOP/s "
+        "| % of matmul peak | peak MiB | memory ref/this |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for group_index, group in enumerate(groups, start=1):
@@ -373,21 +417,27 @@ def results_table(groups: list[Group], batch_size: int) -> str:
             step = median_step(contender)
             speed = "ref" if is_reference else f"{reference_step / step:.2f}"
             memory = "ref" if is_reference else f"{group.reference.peak_bytes / contender.peak_bytes:.2f}"
+            achieved = contender.flops / step / 1e9
             rows.append(
                 f"| {group_index} | {contender.name} | {contender.num_parameters / 1e6:.2f} | {step * 1e3:.0f} | "
                 f"{interquartile_range(contender.step_seconds) * 1e3:.0f} | {batch_size / step:.1f} | {speed} | "
+                f"{contender.flops / 1e9:.1f} | {achieved:.0f} | {100 * achieved / matmul_peak_gflops:.0f}% | "
                 f"{contender.peak_bytes / 2**20:.0f} | {memory} |"
             )
     legend = "\n".join(f"{i}. {group.title}" for i, group in enumerate(groups, start=1))
     return header + "\n".join(rows) + "\n\nGroups:\n\n" + legend + "\n"
 
 
-def report(groups: list[Group], settings: str, batch_size: int) -> str:
+def report(groups: list[Group], settings: str, batch_size: int, matmul_peak_gflops: float) -> str:
     return (
         "# Model training-step benchmark\n\n"
         f"{settings}\n\n"
-        + results_table(groups, batch_size)
+        + results_table(groups, batch_size, matmul_peak_gflops)
         + "\n`speed vs ref` = img/s of the row / img/s of the group's reference (> 1: faster). "
+        "`GFLOP/step`: forward + backward FLOPs counted by `torch.utils.flop_counter` (matmuls, convolutions, "
+        f"attention); `GFLOP/s` = that / median step time; `% of matmul peak` = that / {matmul_peak_gflops:.0f} "
+        "GFLOP/s, this machine's fp32 2048x2048 matmul measured in the same run (the elementwise work, GroupNorm, "
+        "activations and AdamW take time but count no FLOPs, so 100% is out of reach). "
         "`memory ref/this` = reference peak / row peak (> 1: less memory). Peak = parameters, buffers and AdamW "
         "state plus the highest transient allocation of one step (activations, gradients, temporaries) as "
         "requested from PyTorch's allocator; it excludes the shared input batch, allocator overhead and "
@@ -465,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{contender.name}: {contender.num_parameters / 1e6:.3f}M parameters ({ratio:.2f}x the reference)")
     batch = make_batch(args.batch_size, device)
 
-    run_groups(groups, batch, args.warmup_steps, args.rounds, args.steps_per_round)
+    matmul_peak = run_groups(groups, batch, args.warmup_steps, args.rounds, args.steps_per_round)
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
@@ -473,9 +523,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{device_name}; fp32; batch {args.batch_size} of {IN_CHANNELS}x{SAMPLE_SIZE}x{SAMPLE_SIZE}; step = forward, MSE, "
         f"backward, AdamW, zero_grad; {args.warmup_steps} warm-up step(s), then {args.rounds} alternating rounds x "
         f"{args.steps_per_round} step(s) per model; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-        f"wall time {time.perf_counter() - wall_start:.0f} s."
+        f"fp32 matmul peak {matmul_peak:.0f} GFLOP/s; wall time {time.perf_counter() - wall_start:.0f} s."
     )
-    text = report(groups, settings, args.batch_size)
+    text = report(groups, settings, args.batch_size, matmul_peak)
     write_atomically(args.out, text)
     print(text)
     print(f"written to {args.out}")

@@ -223,7 +223,7 @@ class DenoisingPipeline(DiffusionPipeline):
         variant: str | None = None,
         max_shard_size: int | str | None = None,
         push_to_hub: bool = False,
-        self_contained: bool = False,
+        self_contained: bool | None = None,
         **kwargs,
     ):
         """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` then uploads through `push_to_hub` (with a model card).
@@ -231,7 +231,8 @@ class DenoisingPipeline(DiffusionPipeline):
         `self_contained=True` also writes the code of the pipeline and of its custom components into the folder
         (generated from this project's source), so that `DiffusionPipeline.from_pretrained(folder,
         trust_remote_code=True)` loads it where only diffusers is installed. Where the project is installed (after
-        `import pipelines`), its own code loads the folder, without `trust_remote_code`.
+        `import pipelines`), its own code loads the folder, without `trust_remote_code`. Unset, the folder is written
+        without code and the upload of `push_to_hub=True` with it (as `push_to_hub` does by default).
         """
         hub_kwargs = {
             key: kwargs.pop(key)
@@ -242,7 +243,7 @@ class DenoisingPipeline(DiffusionPipeline):
             raise ValueError(
                 "This pipeline runs the code generated into a self-contained folder; `self_contained=True` generates "
                 "that code from the scratch-diffusion project's source, which is not installed here. Copy the folder "
-                "you loaded instead, or save without `self_contained`."
+                "you loaded instead, or pass `self_contained=False` (to `save_pretrained` or `push_to_hub`)."
             )
         super().save_pretrained(
             save_directory,
@@ -256,7 +257,7 @@ class DenoisingPipeline(DiffusionPipeline):
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(
-                repo_id, safe_serialization=safe_serialization, self_contained=self_contained, **hub_kwargs
+                repo_id, safe_serialization=safe_serialization, self_contained=self_contained is not False, **hub_kwargs
             )
 
     def push_to_hub(
