@@ -1,8 +1,7 @@
 """`python -m demo [--pipeline FOLDER_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]`: the demo page, served locally."""
 
 import argparse
-
-from .app import configured_pipeline, serve
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -10,13 +9,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pipeline",
         default=None,
-        help=f"pipeline folder or Hub id the page opens on (default: $DEMO_PIPELINE, else {configured_pipeline()})",
+        help="pipeline folder or Hub id the page opens on (default: $DEMO_PIPELINE, else outputs/quickstart/best)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        from .app import serve
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        sys.exit('The demo page needs gradio: pip install -e ".[demo]"')
     serve(args.pipeline, server_name=args.host, server_port=args.port)
 
 

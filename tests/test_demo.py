@@ -211,3 +211,11 @@ def test_the_page_in_headless_chromium(folders, tmp_path):
         assert message.startswith("Error:") and "Traceback" not in driver.page_source
         driver.save_screenshot(str(artifacts / "demo_error.png"))
     assert (artifacts / "demo.png").stat().st_size > 10_000
+
+
+def test_the_command_line_refuses_a_bad_port(capsys):
+    from demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--port", "70000"])
+    assert exit_info.value.code == 2 and "--port must be between 1 and 65535" in capsys.readouterr().err
