@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from training.config import RECIPES_DIR, Config, ConfigError, from_dict, load_config, save_config, to_dict
+from training.config_schema import SAMPLER_FAMILIES, sampler_family
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
@@ -143,6 +144,16 @@ def test_defaults_run_without_a_recipe():
             r"eval.sampler 'ddim' cannot sample a flow-matching",
         ),
         (["--objective.name", "flow_matching", "--objective.snr_gamma", "5"], r"snr_gamma .* DDPM family only"),
+        (
+            ["--objective.name", "flow_matching", "--eval.sampler", "UniPCMultistepScheduler"],
+            r"eval.sampler 'UniPCMultistepScheduler' cannot sample a flow-matching model; use one of \['auto', "
+            r"'flow_match_euler', .*'FlowMatchHeunDiscreteScheduler'\]",
+        ),
+        (
+            ["--eval.sampler", "FlowMatchHeunDiscreteScheduler"],
+            r"eval.sampler 'FlowMatchHeunDiscreteScheduler' cannot sample a DDPM-family model; use one of .*'DPMSolver",
+        ),
+        (["--eval.sampler", "LCMScheduler"], r"eval.sampler must be one of \['auto', 'ddpm', .*'UniPCMultistep"),
         (["--eval.fid_n", "1"], r"eval.fid_n must be 0 \(no metrics\) or >= 2"),
         (["--hub.push_to_hub", "true"], r"hub.hub_model_id is not set"),
         (["--model.vae", "/no/such/vae"], r"model.vae folder '/no/such/vae' does not exist; train it first"),
@@ -255,3 +266,31 @@ def test_every_accelerate_tracker_is_accepted_when_installed_and_refused_with_th
         else:
             with pytest.raises(ConfigError, match=rf"the {tracker} package is not installed \(pip install {tracker}\)"):
                 load_config(["--train.report_to", tracker])
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [name for names in SAMPLER_FAMILIES.values() for name in names],
+)
+def test_every_listed_sampler_samples_a_model_of_its_family(sampler):
+    """Each sampler a recipe may name (ours and diffusers') builds from the training noise schedule and runs our
+    pipeline loop: finite images, and the pipeline records that scheduler."""
+    import torch
+    from pipeline_helpers import tiny_pipeline
+
+    from training.setup import build_noise_scheduler, build_sampling_scheduler
+
+    family = sampler_family(sampler)
+    argv = ["--objective.name", family, "--eval.sampler", sampler]
+    if family == "diffusion":
+        argv += ["--objective.prediction_type", "epsilon"]
+    config = load_config(argv)
+    scheduler = build_sampling_scheduler(config.eval.sampler, build_noise_scheduler(config.objective))
+    expected = {"ddpm": "ScratchDDPMScheduler", "ddim": "ScratchDDIMScheduler"}
+    expected["flow_match_euler"] = "ScratchFlowMatchEulerScheduler"
+    assert type(scheduler).__name__ == expected.get(sampler, sampler)
+    pipe = tiny_pipeline("dit" if family == "flow_matching" else "unet")
+    pipe.scheduler = scheduler
+    images = pipe(class_labels=[1, 2], num_inference_steps=4, guidance_scale=2.0, output_type="pt").images
+    assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
+    assert type(pipe.scheduler).__name__ == type(scheduler).__name__

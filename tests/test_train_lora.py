@@ -309,7 +309,7 @@ def test_recipe_loads_and_bad_settings_are_refused_before_training(tmp_path, cap
             ["--lora.include_conv", "false", "--data.resolution", "12"],
             "size 12, but the base denoiser takes 1 channel.s. of size 8",
         ),
-        (["--lora.include_conv", "false", "--eval.sampler", "flow_match_euler"], "cannot sample this diffusion base"),
+        (["--lora.include_conv", "false", "--eval.sampler", "flow_match_euler"], "cannot sample a DDPM-family model"),
         (["--eval.fid_n", "1"], r"eval.fid_n must be 0 \(no metrics\) or >= 2"),
         (["--hub.push_to_hub", "true"], "hub.hub_model_id is not set"),
     ]

@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-from .config_schema import Config, ConfigError
+from .config_schema import SAMPLER_FAMILIES, Config, ConfigError, sampler_family
 
 # --------------------------------------------------------------------------------------------------
 # Checks across keys (those a single field cannot see)
@@ -42,6 +42,15 @@ def check_tracker(report_to: str) -> None:
             f"train.report_to {report_to!r}: the {report_to} package is not installed (pip install {report_to}). "
             f"Installed trackers: {sorted(available) + ['none']}."
         )
+
+
+def check_sampler_fits(sampler: str, objective: str) -> None:
+    """A flow-matching model needs a flow-matching sampler and a DDPM-family model a diffusion one."""
+    family = sampler_family(sampler)
+    if family is not None and family != objective:
+        model = "flow-matching" if objective == "flow_matching" else "DDPM-family"
+        fits = ["auto", *SAMPLER_FAMILIES[objective]]
+        raise ConfigError(f"eval.sampler {sampler!r} cannot sample a {model} model; use one of {fits}.")
 
 
 def check_loop_settings(config) -> None:
@@ -127,16 +136,8 @@ def check_config(config: Config) -> None:
                 f"Unknown key model.overrides.{key} for {model_cls.__name__}; allowed keys: "
                 f"{sorted(set(allowed) - set(DATA_DERIVED_MODEL_KEYS))}."
             )
-    objective, sampler = config.objective.name, config.eval.sampler
-    if objective == "flow_matching" and sampler not in ("auto", "flow_match_euler"):
-        raise ConfigError(
-            f"eval.sampler {sampler!r} cannot sample a flow-matching model; use 'auto' or 'flow_match_euler'."
-        )
-    if objective == "diffusion" and sampler == "flow_match_euler":
-        raise ConfigError(
-            "eval.sampler 'flow_match_euler' cannot sample a DDPM-family model; use 'auto', 'ddpm' or 'ddim'."
-        )
-    if objective == "flow_matching" and config.objective.snr_gamma is not None:
+    check_sampler_fits(config.eval.sampler, config.objective.name)
+    if config.objective.name == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
     if config.objective.beta_start >= config.objective.beta_end:
         raise ConfigError(

@@ -16,7 +16,42 @@ RENAMED_OBJECTIVES = {"ddpm": "diffusion"}
 TEXT_ENCODERS = (None, "minilm")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 LOSSES = ("mse", "l1")
-SAMPLERS = ("auto", "ddpm", "ddim", "flow_match_euler")
+# eval.sampler: our schedulers by short name or class name, or a diffusers scheduler that follows the standard
+# sampling loop (`scale_model_input`, `step(model_output, t, sample)`), per family. "auto": DDIM / flow Euler.
+SAMPLER_FAMILIES = {
+    "diffusion": (
+        "ddpm",
+        "ddim",
+        "ScratchDDPMScheduler",
+        "ScratchDDIMScheduler",
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "HeunDiscreteScheduler",
+        "KDPM2DiscreteScheduler",
+        "LMSDiscreteScheduler",
+    ),
+    "flow_matching": (
+        "flow_match_euler",
+        "ScratchFlowMatchEulerScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+    ),
+}
+SAMPLERS = ("auto", *SAMPLER_FAMILIES["diffusion"], *SAMPLER_FAMILIES["flow_matching"])
+
+
+def sampler_family(sampler: str) -> str | None:
+    """'diffusion' or 'flow_matching': the models `sampler` can sample (None for 'auto', which fits both)."""
+    return next((family for family, names in SAMPLER_FAMILIES.items() if sampler in names), None)
+
+
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 # Every tracker accelerate supports (`accelerate.utils.LoggerType` but "all"); the chosen one must be installed.
@@ -250,7 +285,11 @@ class EvalConfig:
 
     every_epochs: int = bounded(1, 1, doc="evaluate every N epochs, and at the end")
     sampler: str = choice(
-        "auto", SAMPLERS, doc="the sampling scheduler; auto: DDIM for the DDPM family, Euler for flow matching"
+        "auto",
+        SAMPLERS,
+        doc="the sampling scheduler: auto (DDIM for the DDPM family, Euler for flow matching), ours (ddpm, ddim, "
+        "flow_match_euler) or a diffusers scheduler class of the model's family (DPMSolverMultistepScheduler, "
+        "UniPCMultistepScheduler, HeunDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...)",
     )
     num_inference_steps: int = bounded(50, 1, doc="sampling steps")
     guidance_scale: float = bounded(2.0, 0.0, doc="classifier-free guidance scale; 1 is a single conditional pass")

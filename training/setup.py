@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -17,6 +18,7 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+import custom_schedulers
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler, ScratchFlowMatchEulerScheduler
 from image_data import load_image_dataset
 from image_data.loading import SplitNotFoundError
@@ -213,10 +215,15 @@ SAMPLER_CLASSES = {
 
 
 def build_sampling_scheduler(sampler: str, noise_scheduler):
-    """The scheduler the saved pipeline samples with, sharing the training noise schedule."""
+    """The scheduler the saved pipeline samples with (a short name, or our or diffusers' class name, see
+    `SAMPLER_FAMILIES`), sharing the training noise schedule."""
     if sampler == "auto":
         sampler = "flow_match_euler" if isinstance(noise_scheduler, ScratchFlowMatchEulerScheduler) else "ddim"
-    return SAMPLER_CLASSES[sampler].from_config(noise_scheduler.config)
+    if sampler in SAMPLER_CLASSES:
+        scheduler_class = SAMPLER_CLASSES[sampler]
+    else:
+        scheduler_class = getattr(custom_schedulers, sampler, None) or getattr(diffusers, sampler)
+    return scheduler_class.from_config(noise_scheduler.config)
 
 
 def build_objective(objective_config, noise_scheduler, num_classes: int | None):

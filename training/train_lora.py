@@ -40,6 +40,7 @@ from .config import (
     RunConfig,
     bounded,
     check_loop_settings,
+    check_sampler_fits,
     described,
     load_config,
 )
@@ -238,9 +239,8 @@ def build_lora_setup(config: LoraTrainingConfig, accelerator: Accelerator) -> Tr
     objective = build_objective(objective_config, noise_scheduler, denoiser.config.num_classes)
     if config.eval.sampler == "auto":
         sampling_scheduler = pipeline.scheduler
-    elif (config.eval.sampler == "flow_match_euler") != (family == "flow_matching"):
-        raise ConfigError(f"eval.sampler {config.eval.sampler!r} cannot sample this {family} base; use 'auto'.")
     else:
+        check_sampler_fits(config.eval.sampler, family)
         sampling_scheduler = build_sampling_scheduler(config.eval.sampler, noise_scheduler)
 
     lora_config = add_lora(denoiser, config.lora, config.train.seed)
