@@ -279,3 +279,20 @@ def test_unconditional_denoiser_refuses_labels_and_guidance():
 def test_id2label_must_name_existing_classes():
     with pytest.raises(ValueError, match=r"ids \[12\] outside"):
         tiny_pipeline("dit", id2label={"12": "twelve"})
+
+
+def test_a_compiled_denoiser_samples_the_same_images_and_saves_as_the_plain_model(tmp_path):
+    """`pipe.unet = torch.compile(pipe.unet)` (the README's advice for long sampling jobs on CPU)."""
+    pipe = tiny_pipeline("unet", "ScratchDDIMScheduler")
+    eager = run(pipe)
+    pipe.unet = torch.compile(pipe.unet)
+    # Compiled kernels may reorder float sums: equal to float32 rounding, not bit for bit.
+    torch.testing.assert_close(run(pipe), eager, atol=1e-5, rtol=0)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["unet"] == [
+        "custom_models.unet",
+        "ScratchUNetModel",
+    ]
+    reloaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(run(reloaded), eager)
