@@ -14,10 +14,7 @@ import types
 
 import diffusers
 import diffusers.pipelines
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin
-
-import custom_models
-import custom_schedulers
+from diffusers import DiffusionPipeline
 
 from .class_conditional import (
     ClassConditionalPipeline,
@@ -28,7 +25,7 @@ from .class_conditional import (
 )
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
 from .model_card import build_lora_model_card, build_model_card
-from .self_contained import read_model_index_with_installed_code, write_code_files
+from .self_contained import component_classes, read_model_index_with_installed_code, write_code_files
 from .text_to_image import (
     TextToImagePipeline,
     TextToImagePipelineOutput,
@@ -84,10 +81,8 @@ def register_with_diffusers() -> None:
     )
     for pipeline_class in pipeline_classes:
         _register(diffusers, pipeline_class.__name__, pipeline_class)
-    for package in (custom_models, custom_schedulers):
-        for value in vars(package).values():
-            if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin)):
-                _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
+    for value in component_classes():
+        _register(diffusers.pipelines, value.__module__, sys.modules[value.__module__])
     DenoisingPipeline.code_writer = write_code_files
     DenoisingPipeline.space_writer = staticmethod(_write_space_files)
     # `DiffusionPipeline.from_pretrained` and `.download` read model_index.json through this classmethod; only entries

@@ -95,6 +95,7 @@ class _ParsedModule:
     def __init__(self, name: str, project_packages: tuple[str, ...]):
         module = importlib.import_module(name)
         self.name = name
+        self.package = module.__package__
         self.project_packages = project_packages
         self.path = Path(module.__file__)
         self.relative_path = name.replace(".", "/") + ("/__init__.py" if self.path.name == "__init__.py" else ".py")
@@ -110,7 +111,7 @@ class _ParsedModule:
         for node in body:
             where = f"{self.relative_path}:{node.lineno}"
             if isinstance(node, ast.ImportFrom):
-                source = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__)
+                source = importlib.util.resolve_name("." * node.level + (node.module or ""), self.package)
                 if source == "__future__":
                     raise BundleError(f"{where}: `from __future__` imports change every bundled module; not supported.")
                 for alias in node.names:
@@ -236,7 +237,7 @@ def _check_nested_import(module: _ParsedModule, node: ast.stmt) -> None:
     loader also scans every import line of the file and imports what it names, or copies it for a relative one)."""
     where = f"{module.relative_path}:{node.lineno}"
     sources = (
-        [importlib.util.resolve_name("." * node.level + (node.module or ""), module.name.rpartition(".")[0])]
+        [importlib.util.resolve_name("." * node.level + (node.module or ""), module.package)]
         if isinstance(node, ast.ImportFrom)
         else [alias.name for alias in node.names]
     )
@@ -318,6 +319,19 @@ def pipeline_module_name(cls: type) -> str:
     return PIPELINE_MODULE_PREFIX + cls.__module__.rpartition(".")[2]
 
 
+def component_classes() -> list[type]:
+    """Our model and scheduler classes (those `custom_models` and `custom_schedulers` export)."""
+    import custom_models
+    import custom_schedulers
+
+    return [
+        value
+        for package in (custom_models, custom_schedulers)
+        for value in vars(package).values()
+        if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin))
+    ]
+
+
 def _is_ours(cls: type) -> bool:  # a class defined in this project's source
     return _is_project_module(cls.__module__) and cls.__module__ in sys.modules
 
@@ -342,12 +356,7 @@ def write_code_files(pipeline, folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text())
-    stand_ins = tuple(
-        value
-        for package in ("custom_models", "custom_schedulers")
-        for value in vars(importlib.import_module(package)).values()
-        if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin))
-    )
+    stand_ins = tuple(component_classes())
     files = code_files(pipeline)
     for path, cls in files.items():
         module_name = path.rpartition("/")[2].removesuffix(".py")
@@ -375,15 +384,12 @@ def use_installed_code(config: dict) -> dict:
     """A self-contained folder's `model_index.json` as if it had been saved without code files: our pipeline and
     component classes by their installed modules, so that the project's own code loads it and nothing in the folder
     runs. Entries that name anything else are left as they are (and diffusers then asks for trust_remote_code)."""
-    import custom_models
-    import custom_schedulers
     import pipelines
 
+    pipeline_classes = [value for value in vars(pipelines).values() if isinstance(value, type)]
     ours = {
-        value.__name__: value
-        for package in (custom_models, custom_schedulers, pipelines)
-        for value in vars(package).values()
-        if isinstance(value, type) and issubclass(value, (ModelMixin, SchedulerMixin, DiffusionPipeline))
+        cls.__name__: cls
+        for cls in component_classes() + [c for c in pipeline_classes if issubclass(c, DiffusionPipeline)]
     }
     config = dict(config)
     rewritten = False
