@@ -127,11 +127,23 @@ def wait_for_status(driver, fragment: str, timeout_s: float = 120.0) -> str:
     return status_text(driver)
 
 
+def visible_element(driver, css: str, timeout_s: float = 30.0):
+    """The element once the page has rendered it and shows it (an accordion opens with an animation, a component
+    may render after the page loads)."""
+    wait_for(
+        driver,
+        lambda d: any(element.is_displayed() for element in d.find_elements("css selector", css)),
+        timeout_s,
+        what=f"a visible {css}",
+    )
+    return next(element for element in driver.find_elements("css selector", css) if element.is_displayed())
+
+
 def set_text(driver, element_id: str, text: str) -> None:
     """Replace the text of a Gradio Textbox / Number (the `input` or `textarea` inside `#element_id`)."""
     from selenium.webdriver.common.keys import Keys
 
-    field = driver.find_element("css selector", f"#{element_id} input, #{element_id} textarea")
+    field = visible_element(driver, f"#{element_id} input, #{element_id} textarea")
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(Keys.BACKSPACE)
     field.send_keys(text)
@@ -140,7 +152,7 @@ def set_text(driver, element_id: str, text: str) -> None:
 
 def choose(driver, element_id: str, option: str) -> None:
     """Pick `option` in a Gradio Dropdown: open it, then click the list item with that value."""
-    field = driver.find_element("css selector", f"#{element_id} input")
+    field = visible_element(driver, f"#{element_id} input")
     field.click()
     # The open list is the element the combobox controls; its items carry the option as aria-label.
     item = f"#{field.get_attribute('aria-controls')} [role=option][aria-label='{option}']"
