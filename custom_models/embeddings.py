@@ -1,4 +1,4 @@
-"""Conditioning pieces shared by every denoiser: timestep, class-label and 2D position embeddings.
+"""Conditioning pieces shared by every denoiser: timestep, class-label, pooled-text and 2D position embeddings.
 
 Every table here is computed in float32 inside `forward` and cast at use. diffusers' `from_pretrained`
 builds models under `torch.set_default_dtype(torch_dtype)`, so a table computed once in `__init__`
@@ -8,6 +8,7 @@ would be built in fp16 (errors up to 0.4 were measured) and never re-cast.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -129,3 +130,16 @@ def sincos_2d_position_embedding(dim: int, grid_height: int, grid_width: int, de
     grid_rows, grid_cols = torch.meshgrid(rows, cols, indexing="ij")
     embedding = torch.cat([_sincos_1d(dim // 2, grid_rows), _sincos_1d(dim // 2, grid_cols)], dim=1)
     return embedding.float()
+
+
+class PooledProjection(nn.Module):
+    """Two-layer MLP from a pooled text embedding to the conditioning width (SD3's adaLN input, SDXL's
+    `add_embedding` of the UNet's time embedding)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(pooled)))

@@ -26,7 +26,7 @@ from .dit_gqa import (
     patchify,
     unpatchify,
 )
-from .embeddings import LabelEmbedding, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .embeddings import LabelEmbedding, PooledProjection, TimestepEmbedding, check_class_labels, timesteps_to_batch
 from .loading import CheckedLoadingMixin
 
 
@@ -154,18 +154,6 @@ class JointTransformerBlock(nn.Module):
         context = torch.addcmul(context, c_gate_msa.unsqueeze(1), context_attn_output)
         context_ff_output = self.ff_context(modulate(self.norm2_context(context), c_shift_mlp, c_scale_mlp))
         return hidden_states, torch.addcmul(context, c_gate_mlp.unsqueeze(1), context_ff_output)
-
-
-class PooledProjection(nn.Module):
-    """Two-layer MLP from a pooled text embedding to the conditioning width."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(pooled)))
 
 
 # --------------------------------------------------------------------------------------------------

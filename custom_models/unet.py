@@ -19,7 +19,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from .attention import Attention, check_head_config, check_key_mask
-from .embeddings import LabelEmbedding, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .embeddings import LabelEmbedding, PooledProjection, TimestepEmbedding, check_class_labels, timesteps_to_batch
 from .loading import CheckedLoadingMixin
 
 CLASS_CONDITIONING_MODES = ("film", "cross_attention")
@@ -157,6 +157,7 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         class_conditioning: str = "film",
         num_class_tokens: int = 1,
         cross_attention_dim: int | None = None,
+        pooled_projection_dim: int | None = None,
     ):
         super().__init__()
         block_out_channels, attention_levels = tuple(block_out_channels), tuple(bool(a) for a in attention_levels)
@@ -175,6 +176,7 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             class_conditioning,
             num_class_tokens,
             cross_attention_dim,
+            pooled_projection_dim,
         )
         out_channels = out_channels or in_channels
         num_levels = len(block_out_channels)
@@ -192,6 +194,11 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
                 self.class_tokens_dim = cross_attention_dim or embedding_dim
                 self.class_embedding = LabelEmbedding(num_classes, num_class_tokens * self.class_tokens_dim)
         context_dim = self.class_tokens_dim or cross_attention_dim
+        # A pooled sentence embedding (e.g. the prompt's masked mean) joins the timestep in the FiLM embedding, as
+        # SDXL adds its pooled text embedding: a global summary of the prompt beside the per-token cross-attention.
+        self.pooled_embedding = (
+            PooledProjection(pooled_projection_dim, embedding_dim) if pooled_projection_dim is not None else None
+        )
 
         def resnet(cin: int, cout: int) -> UNetResnetBlock:
             return UNetResnetBlock(cin, cout, embedding_dim, norm_num_groups, dropout)
@@ -255,6 +262,7 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         class_conditioning,
         num_class_tokens,
         cross_attention_dim,
+        pooled_projection_dim,
     ) -> None:
         """Refuse configurations that cannot be built, naming the bad value and what is allowed."""
         if in_channels < 1:
@@ -304,6 +312,8 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             )
         if cross_attention_dim is not None and cross_attention_dim < 1:
             raise ValueError(f"`cross_attention_dim` must be None or >= 1, got {cross_attention_dim}.")
+        if pooled_projection_dim is not None and pooled_projection_dim < 1:
+            raise ValueError(f"`pooled_projection_dim` must be None or >= 1, got {pooled_projection_dim}.")
 
     def _zero_init_residual_outputs(self) -> None:
         """Zero the last layer of every residual branch and the output convolution (improved DDPM).
@@ -391,6 +401,16 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             return class_tokens
         return torch.cat([class_tokens, encoder_hidden_states], dim=1)
 
+    def _check_pooled(self, pooled_projections: torch.Tensor | None, batch: int) -> torch.Tensor:
+        dim = self.config.pooled_projection_dim
+        if pooled_projections is None or tuple(pooled_projections.shape) != (batch, dim):
+            got = None if pooled_projections is None else tuple(pooled_projections.shape)
+            raise ValueError(
+                f"This UNet conditions on a pooled text embedding: pass `pooled_projections` of shape "
+                f"[batch={batch}, pooled_projection_dim={dim}]; got {got}."
+            )
+        return pooled_projections.to(self.conv_in.weight.dtype)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -399,11 +419,13 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
         encoder_attention_mask: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
         """Predict the model target for `sample` at `timestep`; `.sample` has the input's spatial shape.
 
         `encoder_attention_mask` (`[batch, tokens]`, True or 1 = a real token) hides the padding of
-        `encoder_hidden_states` from the cross-attention.
+        `encoder_hidden_states` from the cross-attention. `pooled_projections` (`[batch, pooled_projection_dim]`)
+        is required when the model was configured with `pooled_projection_dim`, and refused otherwise.
         """
         self._check_sample(sample)
         batch = sample.shape[0]
@@ -416,6 +438,13 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         embedding = self.time_embedding(timesteps_to_batch(timestep, batch, sample.device))
         if self.class_embedding is not None and self.class_tokens_dim is None:
             embedding = embedding + self.class_embedding(class_labels)
+        if self.pooled_embedding is not None:
+            embedding = embedding + self.pooled_embedding(self._check_pooled(pooled_projections, batch))
+        elif pooled_projections is not None:
+            raise ValueError(
+                "This UNet takes no `pooled_projections` (pooled_projection_dim is None); build it with "
+                "pooled_projection_dim=<width> to condition on a pooled text embedding."
+            )
         # Every FiLM projection starts with SiLU: apply it once here instead of in each block.
         embedding = F.silu(embedding)
 

@@ -105,6 +105,33 @@ def test_logit_normal_and_mode_samplers_match_their_distributions():
         FlowMatchingObjective(scheduler, timestep_sampling="mode", mode_scale=3.0)
 
 
+def test_diffusion_timesteps_follow_the_chosen_density():
+    scheduler = ScratchDDPMScheduler(num_train_timesteps=1000)
+    n = 200_000
+    # Uniform draws keep torch.randint's stream: runs recorded before the densities existed resume unchanged.
+    uniform = DiffusionObjective(scheduler).sample_timesteps(n, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(3)))
+
+    objective = DiffusionObjective(scheduler, timestep_sampling="logit_normal", logit_mean=-0.5, logit_std=1.0)
+    timesteps = objective.sample_timesteps(n, torch.Generator().manual_seed(0))
+    assert timesteps.dtype == torch.long and timesteps.min() >= 0 and timesteps.max() <= 999
+    # t = floor(1000 sigmoid(z)), z ~ N(-0.5, 1): the q-quantile of t is floor(1000 sigmoid(-0.5 + z_q)).
+    for q, z in ((0.1, -1.2816), (0.5, 0.0), (0.9, 1.2816)):
+        expected = 1000 / (1 + math.exp(0.5 - z))
+        assert torch.quantile(timesteps.double(), q).item() == pytest.approx(expected, abs=3)
+    # The density is not uniform: almost nothing at the ends, where the task is easy (t ~ 0) or trivial (t ~ T).
+    assert (timesteps < 20).float().mean() < 0.005 and (timesteps > 980).float().mean() < 0.001
+
+    mode = DiffusionObjective(scheduler, timestep_sampling="mode", mode_scale=1.29).sample_timesteps(
+        n, torch.Generator().manual_seed(1)
+    )
+    assert ((mode > 300) & (mode < 700)).float().mean() > 0.5
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        DiffusionObjective(scheduler, timestep_sampling="cosine")
+    with pytest.raises(ValueError, match="logit_std"):
+        DiffusionObjective(scheduler, timestep_sampling="logit_normal", logit_std=0.0)
+
+
 def test_label_dropout_rate_and_null_label():
     labels = torch.arange(10).repeat(10_000)
     dropped = drop_labels(labels, 0.1, null_label=10, generator=torch.Generator().manual_seed(0))

@@ -52,9 +52,10 @@ def randomized(model):
 
 def build(kind: str, tmp_path: Path, width: int = WIDTH, encoder=None):
     tokenizer, text_encoder = encoder or tiny_text_encoder()
-    if kind == "unet":
+    if kind in ("unet", "unet_pooled"):
+        pooled = dict(pooled_projection_dim=width) if kind == "unet_pooled" else {}
         unet = ScratchUNetModel.from_preset(
-            "tiny", sample_size=8, in_channels=1, num_classes=None, cross_attention_dim=width
+            "tiny", sample_size=8, in_channels=1, num_classes=None, cross_attention_dim=width, **pooled
         )
         pipe = TextToImageUNetPipeline(tokenizer, text_encoder, randomized(unet), ScratchDDIMScheduler())
     else:
@@ -82,7 +83,7 @@ def run(pipe, **kwargs):
     return pipe(**{**settings, **kwargs}).images
 
 
-@pytest.mark.parametrize("kind", ["unet", "mmdit"])
+@pytest.mark.parametrize("kind", ["unet", "unet_pooled", "mmdit"])
 def test_prompts_guidance_and_precomputed_embeddings(kind, tmp_path):
     pipe = build(kind, tmp_path)
     seven = run(pipe, prompt=["a bold 7", "a thin 1"], guidance_scale=3.0)
@@ -116,7 +117,7 @@ def test_prompts_guidance_and_precomputed_embeddings(kind, tmp_path):
     assert several.shape == (3, 8, 8, 1) and not np.allclose(several[0], several[1])
 
 
-@pytest.mark.parametrize("kind", ["unet", "mmdit"])
+@pytest.mark.parametrize("kind", ["unet", "unet_pooled", "mmdit"])
 def test_save_and_load_in_a_fresh_process_gives_identical_images(kind, tmp_path):
     pipe = build(kind, tmp_path)
     folder = tmp_path / "saved"

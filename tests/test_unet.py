@@ -182,6 +182,25 @@ def test_external_encoder_hidden_states():
         build()(sample, 10, encoder_hidden_states=torch.randn(2, 5, 12))
 
 
+def test_pooled_projections_join_the_time_embedding():
+    model = randomize_zero_init(build(cross_attention_dim=12, pooled_projection_dim=6)).eval()
+    sample, states = noise(model), torch.randn(2, 5, 12)
+    with torch.no_grad():
+        first = model(sample, 10, encoder_hidden_states=states, pooled_projections=torch.randn(2, 6)).sample
+        second = model(sample, 10, encoder_hidden_states=states, pooled_projections=torch.randn(2, 6)).sample
+    assert not torch.allclose(first, second, atol=1e-5)
+    with pytest.raises(
+        ValueError, match=r"pass `pooled_projections` of shape \[batch=2, pooled_projection_dim=6\]; got None"
+    ):
+        model(sample, 10, encoder_hidden_states=states)
+    with pytest.raises(ValueError, match=r"got \(2, 5\)"):
+        model(sample, 10, encoder_hidden_states=states, pooled_projections=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="takes no `pooled_projections`"):
+        build(cross_attention_dim=12)(sample, 10, encoder_hidden_states=states, pooled_projections=torch.randn(2, 6))
+    with pytest.raises(ValueError, match="pooled_projection_dim"):
+        build(pooled_projection_dim=0)
+
+
 def test_masked_padding_of_encoder_hidden_states_changes_nothing():
     model = randomize_zero_init(build(cross_attention_dim=12)).eval()
     sample, states = noise(model), torch.randn(2, 3, 12)

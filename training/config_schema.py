@@ -114,11 +114,16 @@ class ObjectiveOptions:
         None, 0.0, doc="min-SNR-gamma loss weighting (Hang et al. 2023), DDPM family only; null disables it"
     )
     timestep_sampling: str = choice(
-        "uniform", TIMESTEP_SAMPLINGS, doc="flow matching: how sigma in (0, 1) is drawn (SD3's choices)"
+        "uniform",
+        TIMESTEP_SAMPLINGS,
+        doc="how training noise levels are drawn (SD3's densities): flow matching's sigma in (0, 1), or the DDPM "
+        "family's t / num_train_timesteps",
     )
-    logit_mean: float = described(0.0, doc="flow matching, logit_normal: mean of the normal whose sigmoid is sigma")
-    logit_std: float = bounded(1.0, 0.0, doc="flow matching, logit_normal: standard deviation of that normal")
-    mode_scale: float = described(1.29, doc="flow matching, mode: SD3's scale of the mode density (0 is uniform)")
+    logit_mean: float = described(
+        0.0, doc="logit_normal: mean of the normal whose sigmoid is sigma (flow) or t / T (DDPM family)"
+    )
+    logit_std: float = bounded(1.0, 0.0, doc="logit_normal: standard deviation of that normal")
+    mode_scale: float = described(1.29, doc="mode: SD3's scale of the mode density (0 is uniform)")
     loss: str = choice("mse", LOSSES, doc="the per-pixel error: squared (mse) or absolute (l1)")
     label_dropout: float = bounded(
         0.1, 0.0, 1.0, doc="probability of replacing a label by the null label, for classifier-free guidance"

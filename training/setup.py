@@ -177,14 +177,17 @@ def _text_setup(config, train_dataset, validation_dataset, accelerator):
 
     tokenizer, encoder = load_text_encoder(accelerator.device)
     width = encoder.config.hidden_size
+    # Both take the prompt's masked mean besides its tokens: the MMDiT in adaLN (SD3), the UNet in its FiLM
+    # embedding (SDXL). The pooled sentence embedding is what all-MiniLM-L6-v2 was trained to make similar for
+    # paraphrases, so it carries the held-out phrasings that the token sequence alone does not.
     if config.model.architecture == "unet":
-        widths = {"cross_attention_dim": width}
+        widths = {"cross_attention_dim": width, "pooled_projection_dim": width}
     else:
         widths = {"joint_attention_dim": width, "pooled_projection_dim": width}
     condition = TextConditioning(
         tokenizer,
         encoder,
-        uses_pooled=config.model.architecture == "mmdit",
+        uses_pooled=True,
         caption_dropout=config.objective.label_dropout,
     )
     train_dataset = CaptionedDigits(train_dataset, seed=config.train.seed)
@@ -228,16 +231,17 @@ def build_sampling_scheduler(sampler: str, noise_scheduler):
 
 def build_objective(objective_config, noise_scheduler, num_classes: int | None):
     """The training objective object (`objective(model, clean, class_labels, generator) -> loss`)."""
-    common = dict(loss=objective_config.loss, label_dropout=objective_config.label_dropout, num_classes=num_classes)
+    common = dict(
+        loss=objective_config.loss,
+        timestep_sampling=objective_config.timestep_sampling,
+        logit_mean=objective_config.logit_mean,
+        logit_std=objective_config.logit_std,
+        mode_scale=objective_config.mode_scale,
+        label_dropout=objective_config.label_dropout,
+        num_classes=num_classes,
+    )
     if objective_config.name == "flow_matching":
-        return FlowMatchingObjective(
-            noise_scheduler,
-            timestep_sampling=objective_config.timestep_sampling,
-            logit_mean=objective_config.logit_mean,
-            logit_std=objective_config.logit_std,
-            mode_scale=objective_config.mode_scale,
-            **common,
-        )
+        return FlowMatchingObjective(noise_scheduler, **common)
     return DiffusionObjective(noise_scheduler, snr_gamma=objective_config.snr_gamma, **common)
 
 

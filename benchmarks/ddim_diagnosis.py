@@ -1,0 +1,164 @@
+"""Why does deterministic sampling fail on a model where ancestral sampling works? Measure it by timestep.
+
+    python benchmarks/ddim_diagnosis.py outputs/quickstart/best --output benchmarks/results/ddim_diagnosis.md
+
+1. The denoiser on real MNIST test images noised to timestep t (same noise for every t): the least-squares slope of
+   the predicted noise on the true noise (1 = unbiased; < 1 = the noise is under-predicted, which a deterministic
+   sampler never corrects), the relative noise error, and the RMS error of the predicted clean image (clipped to
+   [-1, 1] as the samplers do).
+2. Hybrid samplers on the same 50-step grid, same seeds: DDPM (ancestral) steps above a switch timestep and DDIM
+   (deterministic) steps below, and the other way round, scored by GAN-test accuracy with the shipped classifier.
+   Which half of the trajectory breaks DDIM shows where the model's error matters.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler
+from evaluation.metrics import classifier_outputs, default_classifier, gan_test_accuracy, to_classifier_input
+from image_data import load_mnist_arrays
+from diffusers import DiffusionPipeline
+
+import pipelines  # noqa: F401  (registers our classes)
+
+TIMESTEPS = (1, 5, 10, 20, 50, 100, 200, 300, 500, 700, 900, 980)
+
+
+def real_images(count: int, size: int) -> torch.Tensor:
+    images, _ = load_mnist_arrays("test")
+    images = torch.as_tensor(images[:count]).float().div(127.5).sub(1.0).unsqueeze(1)
+    pad = (size - 28) // 2
+    return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=-1.0) if pad else images
+
+
+def predicted_noise(output: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, prediction_type: str):
+    """The noise a model output implies at x_t = sqrt(alpha) x0 + sqrt(1 - alpha) eps, for each prediction type."""
+    if prediction_type == "v_prediction":  # v = sqrt(alpha) eps - sqrt(1 - alpha) x0
+        return alpha.sqrt() * output + (1 - alpha).sqrt() * noisy
+    if prediction_type == "sample":
+        return (noisy - alpha.sqrt() * output) / (1 - alpha).sqrt()
+    return output
+
+
+@torch.inference_mode()
+def error_by_timestep(denoiser, scheduler, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    alphas_cumprod = scheduler.alphas_cumprod
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for t in TIMESTEPS:
+        alpha = alphas_cumprod[t]
+        noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
+        timesteps = torch.full((images.shape[0],), t, dtype=torch.long)
+        predicted = torch.cat(
+            [
+                denoiser(noisy[i : i + 256], timesteps[i : i + 256], class_labels=labels[i : i + 256]).sample
+                for i in range(0, images.shape[0], 256)
+            ]
+        )
+        predicted = predicted_noise(predicted, noisy, alpha, scheduler.config.prediction_type)
+        slope = float((predicted * noise).sum() / (noise * noise).sum())
+        relative_error = float((predicted - noise).pow(2).mean() / noise.pow(2).mean())
+        clean = ((noisy - (1 - alpha).sqrt() * predicted) / alpha.sqrt()).clamp(-1, 1)
+        x0_rmse = float((clean - images).pow(2).mean().sqrt())
+        background = images < -0.99
+        residual = float((clean - images)[background].std())
+        rows.append(dict(t=t, slope=slope, relative_error=relative_error, x0_rmse=x0_rmse, background_std=residual))
+    return rows
+
+
+@torch.inference_mode()
+def hybrid_sample(denoiser, labels, steps, switch, ancestral_above: bool, guidance: float, seed: int, size: int):
+    """DDPM steps where `t >= switch` (if ancestral_above) else DDIM steps; the other way round otherwise."""
+    config = dict(SCHEDULER_CONFIG)
+    ddpm, ddim = ScratchDDPMScheduler.from_config(config), ScratchDDIMScheduler.from_config(config)
+    ddpm.set_timesteps(steps)
+    ddim.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn((labels.shape[0], 1, size, size), generator=generator)
+    null = torch.full_like(labels, denoiser.config.num_classes)
+    for t in ddim.timesteps:
+        both = denoiser(
+            torch.cat([sample, sample]),
+            torch.full((2 * labels.shape[0],), int(t)),
+            class_labels=torch.cat([null, labels]),
+        ).sample
+        unconditional, conditional = both.chunk(2)
+        eps = unconditional + guidance * (conditional - unconditional)
+        use_ddpm = (int(t) >= switch) == ancestral_above
+        scheduler = ddpm if use_ddpm else ddim
+        sample = (
+            scheduler.step(eps, t, sample, generator=generator).prev_sample
+            if use_ddpm
+            else ddim.step(eps, t, sample).prev_sample
+        )
+    return (sample.clamp(-1, 1) + 1) / 2
+
+
+SCHEDULER_CONFIG = {}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("pipeline")
+    parser.add_argument("--num_images", type=int, default=512)
+    parser.add_argument("--samples_per_class", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--switches", default="0,50,100,200,400,1000")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
+    denoiser = pipeline.denoiser.eval()
+    SCHEDULER_CONFIG.update(pipeline.scheduler.config)
+    size = denoiser.config.sample_size
+    images = real_images(args.num_images, size)
+    _, real_labels = load_mnist_arrays("test")
+    labels = torch.as_tensor(real_labels[: args.num_images])
+    lines = [f"# DDIM diagnosis: `{args.pipeline}`", "", "## The denoiser on noised real test images", ""]
+    lines += [
+        f"{args.num_images} test images, conditional (no guidance), one noise draw. slope: least-squares slope of "
+        "predicted on true noise. x0 RMSE: clipped predicted clean image vs the real one (pixels in [-1, 1]). "
+        "background std: that error on the real background pixels.",
+        "",
+        "| t | slope | relative noise MSE | x0 RMSE | background std |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in error_by_timestep(denoiser, pipeline.scheduler, images, labels):
+        lines.append(
+            f"| {row['t']} | {row['slope']:.3f} | {row['relative_error']:.3f} | {row['x0_rmse']:.3f} | "
+            f"{row['background_std']:.3f} |"
+        )
+        print(lines[-1], flush=True)
+    classifier = default_classifier()
+    labels = torch.arange(10).repeat_interleave(args.samples_per_class)
+    lines += [
+        "",
+        f"## Hybrid samplers ({args.steps} steps, guidance {args.guidance_scale}, {labels.shape[0]} samples, GAN-test)",
+        "",
+        "| switch t | DDPM above, DDIM below | DDIM above, DDPM below |",
+        "|---:|---:|---:|",
+    ]
+    for switch in [int(value) for value in args.switches.split(",")]:
+        scores = []
+        for ancestral_above in (True, False):
+            started = time.perf_counter()
+            images = hybrid_sample(denoiser, labels, args.steps, switch, ancestral_above, args.guidance_scale, 0, size)
+            _, logits = classifier_outputs(to_classifier_input(images), classifier)
+            scores.append(gan_test_accuracy(logits, labels))
+            print(
+                f"switch {switch} ancestral_above={ancestral_above}: {scores[-1]:.3f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+        lines.append(f"| {switch} | {scores[0]:.3f} | {scores[1]:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Sample quality against the number of model evaluations, for several samplers on one trained pipeline.
+
+    python benchmarks/quality_vs_steps.py outputs/quickstart/best --num_samples_per_class 20 \
+        --samplers DDPMScheduler,DDIMScheduler,DPMSolverMultistepScheduler,UniPCMultistepScheduler \
+        --steps 4,8,16,32,50 --output_dir benchmarks/results --name quickstart
+
+Every sampler is built from the pipeline's saved scheduler config (so it shares the training noise schedule) and
+must fit the model's objective (flow models get flow samplers). Model evaluations = sampler steps x evaluations per
+step (2 for Heun-type samplers, 1 otherwise); classifier-free guidance batches both branches into one forward, so it
+does not change the count. Each cell: GAN-test accuracy and FID-MNIST of the same seeded samples, scored with the
+shipped classifier (`evaluation.evaluate_images`). Writes `quality_vs_steps_<name>.md`, `.json` and `.png`.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+
+from commands.common import environment_line, load_pipeline, set_scheduler
+from evaluation.metrics import evaluate_images, generate_samples
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Samplers that evaluate the model twice per step (diffusers' Heun-type schedulers).
+TWO_EVALUATIONS_PER_STEP = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "KDPM2DiscreteScheduler")
+
+
+def sampler_steps(sampler: str, evaluations: int) -> int | None:
+    """Sampler steps for a budget of model evaluations (None when it does not divide)."""
+    per_step = 2 if sampler in TWO_EVALUATIONS_PER_STEP else 1
+    return evaluations // per_step if evaluations % per_step == 0 and evaluations >= per_step else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("pipeline")
+    parser.add_argument("--samplers", required=True, help="comma-separated scheduler class names (ours or diffusers')")
+    parser.add_argument("--steps", default="4,8,16,32,50", help="model evaluations per image, comma-separated")
+    parser.add_argument("--num_samples_per_class", type=int, default=100)
+    parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", required=True, help="suffix of the output files, e.g. quickstart")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    pipeline = load_pipeline(args.pipeline, "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    saved_config = pipeline.scheduler.config
+    samplers = [name.strip() for name in args.samplers.split(",") if name.strip()]
+    budgets = [int(value) for value in args.steps.split(",")]
+    rows, started_all = [], time.perf_counter()
+    for sampler in samplers:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(saved_config)
+        set_scheduler(pipeline, sampler)  # refuses a sampler of the wrong family, with the list of fitting ones
+        for evaluations in budgets:
+            steps = sampler_steps(sampler, evaluations)
+            if steps is None:
+                continue
+            started = time.perf_counter()
+            images, labels = generate_samples(
+                pipeline,
+                num_samples_per_class=args.num_samples_per_class,
+                num_inference_steps=steps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed,
+                batch_size=args.batch_size,
+            )
+            metrics = evaluate_images(images, labels, value_range=(0.0, 1.0))
+            row = dict(
+                sampler=sampler,
+                evaluations=evaluations,
+                steps=steps,
+                gan_test_acc=metrics["gan_test_acc"],
+                fid_mnist=metrics["fid_mnist"],
+                num_samples=metrics["num_samples"],
+                seconds=round(time.perf_counter() - started, 1),
+            )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.output_dir / f"quality_vs_steps_{args.name}"
+    setting = dict(
+        pipeline=args.pipeline,
+        guidance_scale=args.guidance_scale,
+        num_samples=rows[0]["num_samples"] if rows else 0,
+        seed=args.seed,
+        environment=environment_line(),
+        wall_seconds=round(time.perf_counter() - started_all),
+    )
+    Path(f"{stem}.json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2) + "\n")
+
+    def cell(sampler, evaluations, key, fmt):
+        row = next((r for r in rows if r["sampler"] == sampler and r["evaluations"] == evaluations), None)
+        return "-" if row is None or row[key] is None else format(row[key], fmt)
+
+    header = "| sampler | " + " | ".join(f"{b} evals" for b in budgets) + " |"
+    rule = "|---|" + "---:|" * len(budgets)
+    lines = [
+        f"# Quality vs model evaluations: `{args.pipeline}`",
+        "",
+        f"Generated by `python benchmarks/quality_vs_steps.py {args.pipeline} --num_samples_per_class "
+        f"{args.num_samples_per_class} --samplers {args.samplers} --steps {args.steps} --name {args.name}` on "
+        f"{setting['environment']}, {setting['wall_seconds'] / 60:.0f} min. {setting['num_samples']} samples per "
+        f"cell (the same seeds in every cell), guidance {args.guidance_scale}; each sampler built from the saved "
+        "scheduler config. FID-MNIST at this N is comparable only with other cells of this table.",
+        "",
+        "GAN-test accuracy (shipped MNIST classifier):",
+        "",
+        header,
+        rule,
+        *(f"| {s} | " + " | ".join(cell(s, b, "gan_test_acc", ".3f") for b in budgets) + " |" for s in samplers),
+        "",
+        "FID-MNIST:",
+        "",
+        header,
+        rule,
+        *(f"| {s} | " + " | ".join(cell(s, b, "fid_mnist", ".1f") for b in budgets) + " |" for s in samplers),
+        "",
+    ]
+    Path(f"{stem}.md").write_text("\n".join(lines))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for sampler in samplers:
+        mine = [r for r in rows if r["sampler"] == sampler]
+        left.plot([r["evaluations"] for r in mine], [r["gan_test_acc"] for r in mine], marker="o", label=sampler)
+        right.plot([r["evaluations"] for r in mine], [r["fid_mnist"] for r in mine], marker="o", label=sampler)
+    for axis, title in ((left, "GAN-test accuracy (higher is better)"), (right, "FID-MNIST (lower is better)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(budgets, [str(b) for b in budgets])
+        axis.set_xlabel("model evaluations per image")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    figure.suptitle(f"{args.name}: {setting['num_samples']} samples per point, guidance {args.guidance_scale}")
+    figure.tight_layout()
+    figure.savefig(f"{stem}.png", dpi=110)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
