@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
+from commands.common import load_pipeline
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler
 from evaluation.metrics import classifier_outputs, default_classifier, gan_test_accuracy, to_classifier_input
 from image_data import load_mnist_arrays
-from diffusers import DiffusionPipeline
-
-import pipelines  # noqa: F401  (registers our classes)
 
 TIMESTEPS = (1, 5, 10, 20, 50, 100, 200, 300, 500, 700, 900, 980)
 
@@ -111,7 +109,7 @@ def main():
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    pipeline = DiffusionPipeline.from_pretrained(args.pipeline)
+    pipeline = load_pipeline(args.pipeline, "cpu")
     denoiser = pipeline.denoiser.eval()
     SCHEDULER_CONFIG.update(pipeline.scheduler.config)
     size = denoiser.config.sample_size
