@@ -5,9 +5,10 @@
         --steps 4,8,16,32,50 --output_dir benchmarks/results --name quickstart
 
 Every sampler is built from the pipeline's saved scheduler config (so it shares the training noise schedule) and
-must fit the model's objective (flow models get flow samplers). Model evaluations = sampler steps x evaluations per
-step (2 for Heun-type samplers, 1 otherwise); classifier-free guidance batches both branches into one forward, so it
-does not change the count. Each cell: GAN-test accuracy and FID-MNIST of the same seeded samples, scored with the
+must fit the model's objective (flow models get flow samplers). A budget of B model evaluations per image runs each
+sampler with the most steps whose timestep list (one denoiser call per entry: Heun-type samplers make 2 per step but
+1 on the last) is at most B long, and the table records the count actually used; classifier-free guidance batches
+both branches into one forward, so it does not change the count. Each cell: GAN-test accuracy and FID-MNIST of the same seeded samples, scored with the
 shipped classifier (`evaluation.evaluate_images`). Writes `quality_vs_steps_<name>.md`, `.json` and `.png`.
 """
 
@@ -19,23 +20,24 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from commands import run
 from commands.common import environment_line, load_pipeline, set_scheduler
 from evaluation.metrics import evaluate_images, generate_samples
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Samplers that evaluate the model twice per step (diffusers' Heun-type schedulers).
-TWO_EVALUATIONS_PER_STEP = ("HeunDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "KDPM2DiscreteScheduler")
+
+def steps_for_budget(scheduler, budget: int) -> tuple[int, int] | None:
+    """(steps, model evaluations) of the longest run of `scheduler` with at most `budget` evaluations per image."""
+    for steps in range(budget, 0, -1):
+        scheduler.set_timesteps(steps)
+        if len(scheduler.timesteps) <= budget:
+            return steps, len(scheduler.timesteps)
+    return None
 
 
-def sampler_steps(sampler: str, evaluations: int) -> int | None:
-    """Sampler steps for a budget of model evaluations (None when it does not divide)."""
-    per_step = 2 if sampler in TWO_EVALUATIONS_PER_STEP else 1
-    return evaluations // per_step if evaluations % per_step == 0 and evaluations >= per_step else None
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("pipeline")
     parser.add_argument("--samplers", required=True, help="comma-separated scheduler class names (ours or diffusers')")
@@ -46,7 +48,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", required=True, help="suffix of the output files, e.g. quickstart")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     pipeline = load_pipeline(args.pipeline, "cpu")
     pipeline.set_progress_bar_config(disable=True)
@@ -57,10 +59,11 @@ def main():
     for sampler in samplers:
         pipeline.scheduler = type(pipeline.scheduler).from_config(saved_config)
         set_scheduler(pipeline, sampler)  # refuses a sampler of the wrong family, with the list of fitting ones
-        for evaluations in budgets:
-            steps = sampler_steps(sampler, evaluations)
-            if steps is None:
+        for budget in budgets:
+            fitted = steps_for_budget(pipeline.scheduler, budget)
+            if fitted is None:
                 continue
+            steps, evaluations = fitted
             started = time.perf_counter()
             images, labels = generate_samples(
                 pipeline,
@@ -73,6 +76,7 @@ def main():
             metrics = evaluate_images(images, labels, value_range=(0.0, 1.0))
             row = dict(
                 sampler=sampler,
+                budget=budget,
                 evaluations=evaluations,
                 steps=steps,
                 gan_test_acc=metrics["gan_test_acc"],
@@ -94,11 +98,15 @@ def main():
     )
     Path(f"{stem}.json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2) + "\n")
 
-    def cell(sampler, evaluations, key, fmt):
-        row = next((r for r in rows if r["sampler"] == sampler and r["evaluations"] == evaluations), None)
-        return "-" if row is None or row[key] is None else format(row[key], fmt)
+    def cell(sampler, budget, key, fmt):
+        row = next((r for r in rows if r["sampler"] == sampler and r["budget"] == budget), None)
+        if row is None or row[key] is None:
+            return "-"
+        # A Heun-type sampler may use fewer evaluations than the budget: say how many.
+        used = "" if row["evaluations"] == budget else f" ({row['evaluations']})"
+        return format(row[key], fmt) + used
 
-    header = "| sampler | " + " | ".join(f"{b} evals" for b in budgets) + " |"
+    header = "| sampler | " + " | ".join(f"<= {b} evals" for b in budgets) + " |"
     rule = "|---|" + "---:|" * len(budgets)
     lines = [
         f"# Quality vs model evaluations: `{args.pipeline}`",
@@ -126,8 +134,9 @@ def main():
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for sampler in samplers:
         mine = [r for r in rows if r["sampler"] == sampler]
-        left.plot([r["evaluations"] for r in mine], [r["gan_test_acc"] for r in mine], marker="o", label=sampler)
-        right.plot([r["evaluations"] for r in mine], [r["fid_mnist"] for r in mine], marker="o", label=sampler)
+        x = [r["evaluations"] for r in mine]
+        for axis, key in ((left, "gan_test_acc"), (right, "fid_mnist")):
+            axis.plot(x, [float("nan") if r[key] is None else r[key] for r in mine], marker="o", label=sampler)
     for axis, title in ((left, "GAN-test accuracy (higher is better)"), (right, "FID-MNIST (lower is better)")):
         axis.set_xscale("log", base=2)
         axis.set_xticks(budgets, [str(b) for b in budgets])
@@ -143,4 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -214,6 +214,35 @@ def test_every_entry_point_turns_a_user_mistake_into_one_error_line_and_exit_2(t
     assert len([line for line in completed.stderr.splitlines() if "error:" in line]) == 1
 
 
+def test_quality_vs_steps_fits_each_sampler_to_the_budget_and_refuses_the_other_family(pipeline_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+
+    def quality_vs_steps(*arguments):
+        command = [sys.executable, "benchmarks/quality_vs_steps.py", str(pipeline_dir), "--num_samples_per_class", "2"]
+        command += ["--output_dir", str(tmp_path), "--name", "tiny", *arguments]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    done = quality_vs_steps("--samplers", "ScratchDDIMScheduler,HeunDiscreteScheduler", "--steps", "1,4")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "quality_vs_steps_tiny.json").read_text())["rows"]
+    # Heun calls the model twice per step but once on the last: 2 steps = 3 calls are the most a budget of 4 allows.
+    assert [(r["sampler"], r["budget"], r["steps"], r["evaluations"]) for r in rows] == [
+        ("ScratchDDIMScheduler", 1, 1, 1),
+        ("ScratchDDIMScheduler", 4, 4, 4),
+        ("HeunDiscreteScheduler", 1, 1, 1),
+        ("HeunDiscreteScheduler", 4, 2, 3),
+    ]
+    assert all(r["num_samples"] == 20 and 0.0 <= r["gan_test_acc"] <= 1.0 for r in rows)
+    table = (tmp_path / "quality_vs_steps_tiny.md").read_text()
+    heun = next(line for line in table.splitlines() if line.startswith("| HeunDiscreteScheduler"))
+    assert heun.endswith(" (3) |") and heun.count("(") == 1
+    assert (tmp_path / "quality_vs_steps_tiny.png").stat().st_size > 1000
+    refused = quality_vs_steps("--samplers", "FlowMatchEulerDiscreteScheduler", "--steps", "2")
+    assert refused.returncode == 2 and "is a flow-matching sampler" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)
