@@ -7,6 +7,7 @@ for exact resumption.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,33 +22,35 @@ def _check(name: str, value, allowed) -> None:
         raise ValueError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
 
 
-def _check_density(timestep_sampling: str, logit_std: float, mode_scale: float) -> None:
-    _check("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLINGS)
-    if logit_std <= 0:
-        raise ValueError(f"logit_std must be > 0, got {logit_std}.")
-    # Outside this range f(u) below is not monotone and leaves [0, 1].
-    if not -1 <= mode_scale <= 2 / (math.pi - 2):
-        raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {mode_scale}.")
+@dataclass(frozen=True)
+class TimestepDensity:
+    """How training draws points in (0, 1), from SD3's timestep densities (Esser et al. 2024, Sec. 3.1): the noise
+    level sigma of a flow model, or t / num_train_timesteps of a DDPM-family model. One object serves both
+    objectives; the values are checked when it is made."""
 
+    name: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
-def sample_unit_interval(
-    timestep_sampling: str,
-    batch_size: int,
-    generator: torch.Generator,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-) -> torch.Tensor:
-    """Points in (0, 1) from SD3's timestep densities (Esser et al. 2024, Sec. 3.1): the noise level of a flow
-    model, or t / num_train_timesteps of a DDPM-family model."""
-    shape, device = (batch_size,), generator.device
-    if timestep_sampling == "logit_normal":
-        return torch.sigmoid(torch.randn(shape, generator=generator, device=device) * logit_std + logit_mean)
-    uniform = torch.rand(shape, generator=generator, device=device)
-    if timestep_sampling == "mode":
-        # Mode sampling with heavy tails, eq. 20: f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u).
-        return 1 - uniform - mode_scale * (torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
-    return uniform
+    def __post_init__(self):
+        _check("timestep_sampling", self.name, TIMESTEP_SAMPLINGS)
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}.")
+        # Outside this range f(u) below is not monotone and leaves [0, 1].
+        if not -1 <= self.mode_scale <= 2 / (math.pi - 2):
+            raise ValueError(f"mode_scale must lie in [-1, {2 / (math.pi - 2):.4f}], got {self.mode_scale}.")
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        shape, device = (batch_size,), generator.device
+        if self.name == "logit_normal":
+            normal = torch.randn(shape, generator=generator, device=device) * self.logit_std + self.logit_mean
+            return torch.sigmoid(normal)
+        uniform = torch.rand(shape, generator=generator, device=device)
+        if self.name == "mode":
+            # Mode sampling with heavy tails, eq. 20: f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u).
+            return 1 - uniform - self.mode_scale * (torch.cos(math.pi * uniform / 2) ** 2 - 1 + uniform)
+        return uniform
 
 
 def drop_labels(
@@ -111,7 +114,7 @@ class DiffusionObjective(_Conditioning):
         num_classes: int | None = None,
     ):
         _check("loss", loss, LOSSES)
-        _check_density(timestep_sampling, logit_std, mode_scale)
+        self.density = TimestepDensity(timestep_sampling, logit_mean, logit_std, mode_scale)
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 (or None to disable min-SNR weighting), got {snr_gamma}.")
         self.scheduler = scheduler
@@ -119,22 +122,16 @@ class DiffusionObjective(_Conditioning):
         _check("prediction_type", self.prediction_type, PREDICTION_TYPES)
         self.loss = loss
         self.snr_gamma = snr_gamma
-        self.timestep_sampling = timestep_sampling
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
-        self.mode_scale = mode_scale
         self.label_dropout = label_dropout
         self.num_classes = num_classes
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Integer timesteps in [0, num_train_timesteps): uniform (DDPM), or floor(u * T) with u from the density."""
         num_train_timesteps = self.scheduler.config.num_train_timesteps
-        if self.timestep_sampling == "uniform":
+        if self.density.name == "uniform":
             # torch.randint, as before the densities existed: uniform runs keep their exact random stream.
             return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
-        unit = sample_unit_interval(
-            self.timestep_sampling, batch_size, generator, self.logit_mean, self.logit_std, self.mode_scale
-        )
+        unit = self.density.sample(batch_size, generator)
         return (unit * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
     def noisy_input_and_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -189,21 +186,15 @@ class FlowMatchingObjective(_Conditioning):
         num_classes: int | None = None,
     ):
         _check("loss", loss, LOSSES)
-        _check_density(timestep_sampling, logit_std, mode_scale)
+        self.density = TimestepDensity(timestep_sampling, logit_mean, logit_std, mode_scale)
         self.scheduler = scheduler
         self.loss = loss
-        self.timestep_sampling = timestep_sampling
-        self.logit_mean = logit_mean
-        self.logit_std = logit_std
-        self.mode_scale = mode_scale
         self.label_dropout = label_dropout
         self.num_classes = num_classes
 
     def sample_sigmas(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        """Noise levels in (0, 1) from SD3's densities (Esser et al. 2024, Sec. 3.1)."""
-        return sample_unit_interval(
-            self.timestep_sampling, batch_size, generator, self.logit_mean, self.logit_std, self.mode_scale
-        )
+        """Noise levels in (0, 1) from the chosen density."""
+        return self.density.sample(batch_size, generator)
 
     def noisy_input_and_target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(x_sigma, velocity eps - x0) at float timesteps sigma * num_train_timesteps."""
