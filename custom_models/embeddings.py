@@ -132,6 +132,16 @@ def sincos_2d_position_embedding(dim: int, grid_height: int, grid_width: int, de
     return embedding.float()
 
 
+def check_pooled_projections(pooled_projections: torch.Tensor | None, batch_size: int, dim: int, model: str) -> None:
+    """A pooled text embedding must be `[batch, pooled_projection_dim]`; the message says what was passed instead."""
+    if pooled_projections is None or tuple(pooled_projections.shape) != (batch_size, dim):
+        got = None if pooled_projections is None else tuple(pooled_projections.shape)
+        raise ValueError(
+            f"This {model} conditions on a pooled text embedding: pass `pooled_projections` of shape "
+            f"[batch={batch_size}, pooled_projection_dim={dim}]; got {got}."
+        )
+
+
 class PooledProjection(nn.Module):
     """Two-layer MLP from a pooled text embedding to the conditioning width (SD3's adaLN input, SDXL's
     `add_embedding` of the UNet's time embedding)."""

@@ -26,7 +26,14 @@ from .dit_gqa import (
     patchify,
     unpatchify,
 )
-from .embeddings import LabelEmbedding, PooledProjection, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .embeddings import (
+    LabelEmbedding,
+    PooledProjection,
+    TimestepEmbedding,
+    check_class_labels,
+    check_pooled_projections,
+    timesteps_to_batch,
+)
 from .loading import CheckedLoadingMixin
 
 
@@ -293,15 +300,7 @@ class ScratchMMDiTModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapte
                     f"`encoder_hidden_states` must be [batch={batch_size}, tokens, joint_attention_dim={config.joint_attention_dim}]; "
                     f"got {tuple(encoder_hidden_states.shape)}."
                 )
-            if pooled_projections is None or tuple(pooled_projections.shape) != (
-                batch_size,
-                config.pooled_projection_dim,
-            ):
-                got = None if pooled_projections is None else tuple(pooled_projections.shape)
-                raise ValueError(
-                    f"Text conditioning needs `pooled_projections` of shape [batch={batch_size}, "
-                    f"pooled_projection_dim={config.pooled_projection_dim}]; got {got}."
-                )
+            check_pooled_projections(pooled_projections, batch_size, config.pooled_projection_dim, "MMDiT")
             return self.context_embedder(encoder_hidden_states), self.pooled_embed(pooled_projections)
         if not config.num_classes and config.joint_attention_dim is None:
             if class_labels is not None:

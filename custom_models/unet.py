@@ -19,7 +19,14 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from .attention import Attention, check_head_config, check_key_mask
-from .embeddings import LabelEmbedding, PooledProjection, TimestepEmbedding, check_class_labels, timesteps_to_batch
+from .embeddings import (
+    LabelEmbedding,
+    PooledProjection,
+    TimestepEmbedding,
+    check_class_labels,
+    check_pooled_projections,
+    timesteps_to_batch,
+)
 from .loading import CheckedLoadingMixin
 
 CLASS_CONDITIONING_MODES = ("film", "cross_attention")
@@ -401,16 +408,6 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
             return class_tokens
         return torch.cat([class_tokens, encoder_hidden_states], dim=1)
 
-    def _check_pooled(self, pooled_projections: torch.Tensor | None, batch: int) -> torch.Tensor:
-        dim = self.config.pooled_projection_dim
-        if pooled_projections is None or tuple(pooled_projections.shape) != (batch, dim):
-            got = None if pooled_projections is None else tuple(pooled_projections.shape)
-            raise ValueError(
-                f"This UNet conditions on a pooled text embedding: pass `pooled_projections` of shape "
-                f"[batch={batch}, pooled_projection_dim={dim}]; got {got}."
-            )
-        return pooled_projections.to(self.conv_in.weight.dtype)
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -439,7 +436,8 @@ class ScratchUNetModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapter
         if self.class_embedding is not None and self.class_tokens_dim is None:
             embedding = embedding + self.class_embedding(class_labels)
         if self.pooled_embedding is not None:
-            embedding = embedding + self.pooled_embedding(self._check_pooled(pooled_projections, batch))
+            check_pooled_projections(pooled_projections, batch, self.config.pooled_projection_dim, "UNet")
+            embedding = embedding + self.pooled_embedding(pooled_projections.to(self.conv_in.weight.dtype))
         elif pooled_projections is not None:
             raise ValueError(
                 "This UNet takes no `pooled_projections` (pooled_projection_dim is None); build it with "
