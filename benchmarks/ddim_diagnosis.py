@@ -19,59 +19,59 @@ import torch
 
 from commands.common import load_pipeline
 from custom_schedulers import ScratchDDIMScheduler, ScratchDDPMScheduler
-from evaluation.metrics import classifier_outputs, default_classifier, gan_test_accuracy, to_classifier_input
+from custom_schedulers.schedules import clean_and_noise, forward_coefficients
+from evaluation.metrics import (
+    classifier_outputs,
+    default_classifier,
+    gan_test_accuracy,
+    to_classifier_input,
+    uint8_to_classifier_input,
+)
 from image_data import load_mnist_arrays
 
 TIMESTEPS = (1, 5, 10, 20, 50, 100, 200, 300, 500, 700, 900, 980)
 
 
-def real_images(count: int, size: int) -> torch.Tensor:
-    images, _ = load_mnist_arrays("test")
-    images = torch.as_tensor(images[:count]).float().div(127.5).sub(1.0).unsqueeze(1)
+def real_images(count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` shipped MNIST test digits in [-1, 1], padded with background to `size`, and their labels."""
+    images, labels = load_mnist_arrays("test")
+    images = uint8_to_classifier_input(images[:count])
     pad = (size - 28) // 2
-    return torch.nn.functional.pad(images, (pad, pad, pad, pad), value=-1.0) if pad else images
-
-
-def predicted_noise(output: torch.Tensor, noisy: torch.Tensor, alpha: torch.Tensor, prediction_type: str):
-    """The noise a model output implies at x_t = sqrt(alpha) x0 + sqrt(1 - alpha) eps, for each prediction type."""
-    if prediction_type == "v_prediction":  # v = sqrt(alpha) eps - sqrt(1 - alpha) x0
-        return alpha.sqrt() * output + (1 - alpha).sqrt() * noisy
-    if prediction_type == "sample":
-        return (noisy - alpha.sqrt() * output) / (1 - alpha).sqrt()
-    return output
+    images = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=-1.0) if pad else images
+    return images, torch.as_tensor(labels[:count])
 
 
 @torch.inference_mode()
 def error_by_timestep(denoiser, scheduler, images: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    alphas_cumprod = scheduler.alphas_cumprod
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
     rows = []
     for t in TIMESTEPS:
-        alpha = alphas_cumprod[t]
-        noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
         timesteps = torch.full((images.shape[0],), t, dtype=torch.long)
-        predicted = torch.cat(
+        signal, noise_level = forward_coefficients(scheduler.alphas_cumprod, timesteps, images)
+        noisy = signal * images + noise_level * noise
+        output = torch.cat(
             [
                 denoiser(noisy[i : i + 256], timesteps[i : i + 256], class_labels=labels[i : i + 256]).sample
                 for i in range(0, images.shape[0], 256)
             ]
         )
-        predicted = predicted_noise(predicted, noisy, alpha, scheduler.config.prediction_type)
+        # The scheduler's own conversion, so that v and x0 models are measured in noise terms too.
+        clean, predicted = clean_and_noise(output, noisy, signal, noise_level, scheduler.config.prediction_type)
         slope = float((predicted * noise).sum() / (noise * noise).sum())
         relative_error = float((predicted - noise).pow(2).mean() / noise.pow(2).mean())
-        clean = ((noisy - (1 - alpha).sqrt() * predicted) / alpha.sqrt()).clamp(-1, 1)
-        x0_rmse = float((clean - images).pow(2).mean().sqrt())
-        background = images < -0.99
-        residual = float((clean - images)[background].std())
+        error = clean.clamp(-1, 1) - images
+        residual = float(error[images < -0.99].std())
+        x0_rmse = float(error.pow(2).mean().sqrt())
         rows.append(dict(t=t, slope=slope, relative_error=relative_error, x0_rmse=x0_rmse, background_std=residual))
     return rows
 
 
 @torch.inference_mode()
-def hybrid_sample(denoiser, labels, steps, switch, ancestral_above: bool, guidance: float, seed: int, size: int):
+def hybrid_sample(
+    denoiser, scheduler_config, labels, steps, switch, ancestral_above: bool, guidance: float, seed: int, size: int
+):
     """DDPM steps where `t >= switch` (if ancestral_above) else DDIM steps; the other way round otherwise."""
-    config = dict(SCHEDULER_CONFIG)
-    ddpm, ddim = ScratchDDPMScheduler.from_config(config), ScratchDDIMScheduler.from_config(config)
+    ddpm, ddim = ScratchDDPMScheduler.from_config(scheduler_config), ScratchDDIMScheduler.from_config(scheduler_config)
     ddpm.set_timesteps(steps)
     ddim.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
@@ -84,18 +84,12 @@ def hybrid_sample(denoiser, labels, steps, switch, ancestral_above: bool, guidan
             class_labels=torch.cat([null, labels]),
         ).sample
         unconditional, conditional = both.chunk(2)
-        eps = unconditional + guidance * (conditional - unconditional)
-        use_ddpm = (int(t) >= switch) == ancestral_above
-        scheduler = ddpm if use_ddpm else ddim
-        sample = (
-            scheduler.step(eps, t, sample, generator=generator).prev_sample
-            if use_ddpm
-            else ddim.step(eps, t, sample).prev_sample
-        )
+        guided = unconditional + guidance * (conditional - unconditional)
+        if (int(t) >= switch) == ancestral_above:
+            sample = ddpm.step(guided, t, sample, generator=generator).prev_sample
+        else:
+            sample = ddim.step(guided, t, sample).prev_sample
     return (sample.clamp(-1, 1) + 1) / 2
-
-
-SCHEDULER_CONFIG = {}
 
 
 def main():
@@ -111,11 +105,8 @@ def main():
     torch.manual_seed(0)
     pipeline = load_pipeline(args.pipeline, "cpu")
     denoiser = pipeline.denoiser.eval()
-    SCHEDULER_CONFIG.update(pipeline.scheduler.config)
     size = denoiser.config.sample_size
-    images = real_images(args.num_images, size)
-    _, real_labels = load_mnist_arrays("test")
-    labels = torch.as_tensor(real_labels[: args.num_images])
+    images, labels = real_images(args.num_images, size)
     lines = [f"# DDIM diagnosis: `{args.pipeline}`", "", "## The denoiser on noised real test images", ""]
     lines += [
         f"{args.num_images} test images, conditional (no guidance), one noise draw. slope: least-squares slope of "
@@ -144,7 +135,17 @@ def main():
         scores = []
         for ancestral_above in (True, False):
             started = time.perf_counter()
-            images = hybrid_sample(denoiser, labels, args.steps, switch, ancestral_above, args.guidance_scale, 0, size)
+            images = hybrid_sample(
+                denoiser,
+                pipeline.scheduler.config,
+                labels,
+                args.steps,
+                switch,
+                ancestral_above,
+                args.guidance_scale,
+                0,
+                size,
+            )
             _, logits = classifier_outputs(to_classifier_input(images), classifier)
             scores.append(gan_test_accuracy(logits, labels))
             print(

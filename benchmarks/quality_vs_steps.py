@@ -52,12 +52,12 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     pipeline = load_pipeline(args.pipeline, "cpu")
     pipeline.set_progress_bar_config(disable=True)
-    saved_config = pipeline.scheduler.config
+    saved_scheduler = pipeline.scheduler
     samplers = [name.strip() for name in args.samplers.split(",") if name.strip()]
     budgets = [int(value) for value in args.steps.split(",")]
     rows, started_all = [], time.perf_counter()
     for sampler in samplers:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(saved_config)
+        pipeline.scheduler = saved_scheduler  # each sampler is built from the saved config, not the last one's
         set_scheduler(pipeline, sampler)  # refuses a sampler of the wrong family, with the list of fitting ones
         for budget in budgets:
             fitted = steps_for_budget(pipeline.scheduler, budget)

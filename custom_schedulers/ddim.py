@@ -13,7 +13,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedules import DiscreteDiffusionScheduler
+from .schedules import DiscreteDiffusionScheduler, clean_and_noise
 
 
 @dataclass
@@ -86,17 +86,9 @@ class ScratchDDIMScheduler(DiscreteDiffusionScheduler):
         alpha_bar_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
         signal, noise_level = alpha_bar**0.5, (1 - alpha_bar) ** 0.5  # x_t = signal * x_0 + noise_level * eps
 
-        # x_0 and eps from the model output: eq. 9 of Song et al. for epsilon; for v, Salimans & Ho 2022, Sec. 4
-        # (x = alpha z - sigma v, eps = alpha v + sigma z); for x_0, the forward process inverted for eps.
-        if self.config.prediction_type == "epsilon":
-            pred_original_sample = (sample - noise_level * model_output) / signal
-            pred_epsilon = model_output
-        elif self.config.prediction_type == "v_prediction":
-            pred_original_sample = signal * sample - noise_level * model_output
-            pred_epsilon = signal * model_output + noise_level * sample
-        else:
-            pred_original_sample = model_output
-            pred_epsilon = (sample - signal * pred_original_sample) / noise_level
+        pred_original_sample, pred_epsilon = clean_and_noise(
+            model_output, sample, signal, noise_level, self.config.prediction_type
+        )
 
         pred_original_sample = self._clip_or_threshold(pred_original_sample)
         if use_clipped_model_output:

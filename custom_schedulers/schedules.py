@@ -150,6 +150,19 @@ def forward_coefficients(alphas_cumprod: torch.Tensor, timesteps, like: torch.Te
     return alpha_bar.sqrt().reshape(shape), (1 - alpha_bar).sqrt().reshape(shape)
 
 
+def clean_and_noise(model_output: torch.Tensor, sample: torch.Tensor, signal, noise_level, prediction_type: str):
+    """(x_0, eps) that a model output implies at x_t = signal * x_0 + noise_level * eps.
+
+    Eq. 9 of Song et al. 2021 for epsilon; for v, Salimans & Ho 2022, Sec. 4 (x = alpha z - sigma v,
+    eps = alpha v + sigma z); for x_0, the forward process inverted for eps.
+    """
+    if prediction_type == "epsilon":
+        return (sample - noise_level * model_output) / signal, model_output
+    if prediction_type == "v_prediction":
+        return signal * sample - noise_level * model_output, signal * model_output + noise_level * sample
+    return model_output, (sample - signal * model_output) / noise_level
+
+
 def dynamic_threshold(pred_original_sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Saharia et al. 2022 (Imagen), Sec. 2.3: clip x_0 to [-s, s] and divide by s, where s is the `ratio`
     quantile of |x_0| per sample, kept in [1, max_value]."""
