@@ -124,6 +124,8 @@ def test_every_recipe_trains_and_writes_a_loadable_pipeline(recipe, tmp_path, im
             saved_objective["prediction_type"] if saved_objective["name"] == "diffusion" else None
         )
         assert "Usage" in (output_dir / folder / "README.md").read_text()
+        if saved_objective["name"] == "diffusion":  # the recipe's clipping is saved (never for latents)
+            assert pipe.scheduler.config.clip_sample == (saved_objective["clip_sample"] and pipe.vae is None)
         assert (output_dir / folder / "samples.png").is_file()
         if recipe.stem.endswith("_text"):
             assert type(pipe).__name__.startswith("TextToImage") and pipe.text_encoder.config.hidden_size == 384

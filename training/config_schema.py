@@ -158,6 +158,11 @@ class ObjectiveConfig(ObjectiveOptions):
     beta_end: float = bounded(
         0.02, 0.0, 1.0, doc="DDPM family: the last beta of the linear and scaled_linear schedules"
     )
+    clip_sample: bool = described(
+        True,
+        doc="DDPM family, saved in the pipeline's scheduler config: samplers clip the predicted clean image to [-1, 1] "
+        "at every step (DDIM then recomputes the noise from it; off for latent models; see README, Samplers)",
+    )
 
 
 @dataclass

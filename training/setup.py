@@ -331,7 +331,8 @@ def build_training_setup(config: Config, accelerator: Accelerator) -> TrainingSe
     model = build_model(
         config.model, sample_size=sample_size, in_channels=in_channels, num_classes=num_classes, **text_overrides
     )
-    noise_scheduler = build_noise_scheduler(config.objective, clip_sample=vae is None)
+    # Latents are not bounded to [-1, 1]: never clip them.
+    noise_scheduler = build_noise_scheduler(config.objective, clip_sample=config.objective.clip_sample and vae is None)
     return TrainingSetup(
         condition=condition,
         text_components=text_components,
