@@ -161,7 +161,7 @@ class ObjectiveConfig(ObjectiveOptions):
     clip_sample: bool = described(
         True,
         doc="DDPM family, saved in the pipeline's scheduler config: samplers clip the predicted clean image to [-1, 1] "
-        "at every step (DDIM then recomputes the noise from it; off for latent models; see README, Samplers)",
+        "at every step (DDIM then recomputes the noise from it; never for latent models; README, Quickstart)",
     )
 
 
