@@ -10,7 +10,9 @@ every `os.rename` / `os.replace` / `os.unlink` / `os.remove` / `shutil.copyfile`
 land while a checkpoint is written or pruned, between the two renames that replace `last/`, while `metrics.csv` is
 replaced, and mid-training. `--count-events FILE` writes the number of events of a complete run to FILE.
 `--debug-dir DIR` makes every process log the dataset indices it trains on (`samples_rank<r>.jsonl`) and, at the
-end, its own copy of the weights (`weights_rank<r>.safetensors`). Runs under `accelerate launch` too.
+end, its own copy of the weights (`weights_rank<r>.safetensors`; gathered whole under FSDP) and the size of its
+part of each parameter (`shards_rank<r>.json`: its shard's and the whole parameter's element counts). Runs under `accelerate
+launch` too.
 """
 
 import argparse
@@ -25,6 +27,7 @@ from safetensors.torch import save_file
 
 from commands import run
 from training.config import load_config
+from training.fsdp import full_tensors, local_tensor
 from training.train import TrainingCallback, train
 
 
@@ -75,9 +78,14 @@ class DumpDebugState(TrainingCallback):
     def on_train_end(self, *, rank, model, ema):
         if self.log is not None:
             self.log.close()
+        # What this process holds of each parameter (its shard under FSDP) and the parameter's full size.
+        shards = {name: [local_tensor(p).numel(), p.numel()] for name, p in model.named_parameters()}
+        (self.folder / f"shards_rank{rank}.json").write_text(json.dumps(shards))
         weights = {f"model.{k}": v for k, v in model.state_dict().items()}
         if ema is not None:
             weights.update({f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
+        # Under FSDP every process holds shards: gather the whole tensors (every process takes part).
+        weights = dict(zip(weights, full_tensors(weights.values())))
         weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(weights, self.folder / f"weights_rank{rank}.safetensors")
 

@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoints/checkpoint-<step>` holds:
 
-    model.safetensors        the weights (accelerate's `save_state`)
+    model.safetensors        the weights (accelerate's `save_state`; under FSDP `pytorch_model_fsdp.bin`, the full
+                             state dict, read back with `weights_only` unpickling)
     optimizer.bin            AdamW's state (accelerate; read back with `torch.load(weights_only=True)`)
     random_states_<r>.pkl    each process's RNG states (accelerate; read back through its allow-list of types)
     ema.safetensors          the EMA's shadow weights, when the run keeps an EMA
@@ -29,11 +30,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from accelerate.utils import load as accelerate_load
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, replace_directory, write_text_atomically
+
+from .fsdp import full_tensors, load_full_tensors
 
 __all__ = [
     "CHECKPOINTS_DIRNAME",
@@ -56,6 +60,7 @@ CHECKPOINTS_DIRNAME = "checkpoints"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE_FILENAME = "training_state.json"
 MODEL_FILENAME = "model.safetensors"
+FSDP_MODEL_FILENAME = "pytorch_model_fsdp.bin"  # accelerate's FSDP full state dict (`training/fsdp.py`)
 OPTIMIZER_FILENAME = "optimizer.bin"
 RNG_FILENAME = "random_states_{}.pkl"
 SCALER_FILENAME = "scaler.pt"  # accelerate's GradScaler state, fp16 on GPUs only
@@ -139,8 +144,8 @@ def read_training_state(checkpoint: str | os.PathLike) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Checking a checkpoint before anything is loaded from it
 # --------------------------------------------------------------------------------------------------
-def _expected_files(state: dict) -> set[str]:
-    files = {TRAINING_STATE_FILENAME, MODEL_FILENAME, OPTIMIZER_FILENAME, METRICS_FILENAME, SCALER_FILENAME}
+def _expected_files(state: dict, model_filename: str) -> set[str]:
+    files = {TRAINING_STATE_FILENAME, model_filename, OPTIMIZER_FILENAME, METRICS_FILENAME, SCALER_FILENAME}
     files |= {RNG_FILENAME.format(rank) for rank in range(state["num_processes"])}
     if state["ema"] is not None:
         files.add(EMA_FILENAME)
@@ -218,7 +223,8 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
             "they are not resumed. Its model.safetensors holds the weights; start a new run to continue training."
         )
     _check_state_schema(state, checkpoint / TRAINING_STATE_FILENAME)
-    expected = _expected_files(state)
+    model_filename = FSDP_MODEL_FILENAME if FSDP_MODEL_FILENAME in present else MODEL_FILENAME
+    expected = _expected_files(state, model_filename)
     foreign = sorted(present - expected)
     if foreign:
         raise CheckpointError(
@@ -229,7 +235,17 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
     missing = sorted(expected - present - {SCALER_FILENAME})
     if missing:
         raise CheckpointError(f"{checkpoint} is incomplete: {missing} missing.")
-    _check_tensors(checkpoint / MODEL_FILENAME)
+    if model_filename == MODEL_FILENAME:
+        _check_tensors(checkpoint / MODEL_FILENAME)
+    else:
+        weights = _check_pickle(checkpoint / FSDP_MODEL_FILENAME, "the model weights")
+        for name, tensor in weights.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{checkpoint / FSDP_MODEL_FILENAME}: {name!r} is not a tensor.")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(
+                    f"{checkpoint / FSDP_MODEL_FILENAME}: tensor {name!r} holds NaN or infinite values."
+                )
     if state["ema"] is not None:
         _check_tensors(checkpoint / EMA_FILENAME)
     _check_pickle(checkpoint / OPTIMIZER_FILENAME, "the optimizer state")
@@ -321,13 +337,15 @@ def save_checkpoint(
             shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))
+    shadow = full_tensors(ema.shadow_params) if ema is not None else None  # FSDP: gathered by every process
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ema_numbers = None
         if ema is not None:
             ema_numbers = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
-            shadow = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)}
-            save_file(shadow, temporary / EMA_FILENAME)
+            save_file(
+                {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(shadow)}, temporary / EMA_FILENAME
+            )
         metrics = Path(output_dir) / METRICS_FILENAME
         shutil.copyfile(metrics, temporary / METRICS_FILENAME)
         if before_commit is not None:
@@ -362,6 +380,14 @@ def load_checkpoint(accelerator, checkpoint: Path, *, lr_scheduler, ema=None) ->
             f"{checkpoint} was saved {'with' if state['ema'] is not None else 'without'} an EMA and this run has "
             f"ema.enabled {ema is not None}: resume with the setting the run was started with."
         )
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if (MODEL_FILENAME if sharded else FSDP_MODEL_FILENAME) in {p.name for p in checkpoint.iterdir()}:
+        written, this = ("without", "uses") if sharded else ("with", "does not use")
+        raise CheckpointError(
+            f"{checkpoint} was written by a run {written} FSDP and this run {this} FSDP: the weights are stored "
+            "differently. Resume with the launch settings the run was started with (`accelerate launch --use_fsdp "
+            "--fsdp_version 2 ...` or not)."
+        )
     accelerator.load_state(str(checkpoint))
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if ema is not None:
@@ -371,8 +397,8 @@ def load_checkpoint(accelerator, checkpoint: Path, *, lr_scheduler, ema=None) ->
         ):
             raise CheckpointError(f"{checkpoint / EMA_FILENAME} does not match the model's parameters.")
         ema.load_state_dict(state["ema"])
-        for i, parameter in enumerate(ema.shadow_params):
-            parameter.data.copy_(shadow[f"shadow.{i}"])
+        # FSDP: each process keeps its shard of the saved full weights.
+        load_full_tensors([p.data for p in ema.shadow_params], [shadow[f"shadow.{i}"] for i in range(len(shadow))])
     return state
 
 

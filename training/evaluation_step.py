@@ -131,12 +131,12 @@ def evaluate(
     return results, best
 
 
-def evaluation_pipeline(setup: TrainingSetup, eval_model, model, ema):
-    """A pipeline around the evaluation copy of the model, holding the EMA weights (or the trained ones)."""
-    if ema is not None:
-        ema.copy_to(eval_model.parameters())
-    else:
-        eval_model.load_state_dict(model.state_dict())
+@torch.no_grad()
+def evaluation_pipeline(setup: TrainingSetup, eval_model, weights: list[torch.Tensor]):
+    """A pipeline around the evaluation copy of the model, holding `weights` (the EMA's or the trained ones, whole,
+    in `parameters()` order)."""
+    for parameter, weight in zip(eval_model.parameters(), weights, strict=True):
+        parameter.copy_(weight)
     pipeline = build_pipeline(
         setup.architecture,
         eval_model,

@@ -31,6 +31,7 @@ from pipelines import (
 
 from .artifacts import save_pipeline_folder
 from .config import MNIST_DATASETS, Config, ConfigError, RunConfig, model_class
+from .fsdp import deepspeed_requested, fsdp_plugin, fsdp_requested, route_cpu_processes_to_fsdp
 from .objectives import DiffusionObjective, FlowMatchingObjective
 
 
@@ -51,15 +52,29 @@ def build_accelerator(config: RunConfig) -> Accelerator:
     """The run's `Accelerator` (mixed precision, accumulation, trackers, compile), refusing fp16 on CPU."""
     output_dir = config.output_dir
     mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
+    # `accelerate launch --multi_gpu` (or `--use_fsdp`) on a machine without GPUs: run the processes on CPU, gloo.
+    cpu_processes = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
+    plugin = None
+    if fsdp_requested():
+        plugin = fsdp_plugin(mixed_precision)
+        if cpu_processes:
+            route_cpu_processes_to_fsdp()
+    elif deepspeed_requested() and not torch.cuda.is_available():
+        raise ConfigError(
+            "DeepSpeed was requested on a machine without a GPU; accelerate runs DeepSpeed on GPUs only. On CPU use "
+            "`accelerate launch --multi_gpu --num_processes N` (DDP) or `--use_fsdp --fsdp_version 2` (FSDP2)."
+        )
     accelerator = Accelerator(
-        # `accelerate launch --multi_gpu` on a machine without GPUs: run the processes on CPU with gloo.
-        cpu=os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available(),
+        cpu=cpu_processes,
+        fsdp_plugin=plugin,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         log_with=None if config.train.report_to == "none" else config.train.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=os.path.join(output_dir, "logs")),
         dynamo_backend="inductor" if config.train.compile else "no",
     )
+    if plugin is not None and getattr(accelerator.state, "fsdp_plugin", None) is None:  # CPU routed to FSDP above
+        accelerator.state.fsdp_plugin = plugin
     if accelerator.device.type == "cpu" and mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16', slow on most CPUs) on CPU.")
     if config.train.allow_tf32:

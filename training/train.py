@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from image_data import ShardedBatchSampler
@@ -40,6 +40,7 @@ from .artifacts import MetricsLog, peak_memory_mb, push_folder, tracker_config
 from .checkpointing import latest_checkpoint, load_checkpoint, restore_metrics_log, save_checkpoint
 from .config import ConfigError, RunConfig, load_config, save_config, to_dict
 from .evaluation_step import evaluate, evaluation_pipeline, validation_batches
+from .fsdp import full_tensors, local_tensor
 from .run_folder import RunLock, claim_output_dir
 from .setup import (
     build_accelerator,
@@ -108,8 +109,13 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         num_epochs = math.ceil(total_steps / steps_per_epoch)
         # The lr scheduler is not passed to `prepare`: stepped once per optimizer step, whatever the process count.
         optimizer, lr_scheduler = build_optimizer(config.optim, model, total_steps)
+        # Evaluation state lives on the main process only: a plain copy of the model (taken before `prepare`, which
+        # may shard it) that receives the EMA weights.
+        eval_model = copy.deepcopy(model).eval().requires_grad_(False) if accelerator.is_main_process else None
+        model_name, num_parameters = type(model).__name__, sum(p.numel() for p in model.parameters())
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        sharded = accelerator.distributed_type == DistributedType.FSDP
         ema = build_ema(config.ema, unwrapped)
         state = LoopState()
         if resume_path is not None:
@@ -121,15 +127,13 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         if config.train.report_to != "none":
             accelerator.init_trackers("train", config=tracker_config(config))
         metrics_log = MetricsLog(output_dir / "metrics.csv", accelerator, fresh=resume_path is None)
-        # Evaluation state lives on the main process only: a copy of the model that receives the EMA weights.
-        eval_model = copy.deepcopy(unwrapped).eval().requires_grad_(False) if accelerator.is_main_process else None
         eval_batches = validation_batches(setup, config, accelerator)
         global_batch = config.train.batch_size * num_processes * accum
         accelerator.print(
-            f"{type(unwrapped).__name__} ({sum(p.numel() for p in unwrapped.parameters()) / 1e6:.2f}M parameters), "
-            f"{len(train_dataset)} images, {steps_per_epoch} steps/epoch x {num_epochs} epochs = {total_steps} "
-            f"steps, global batch {global_batch}, {num_processes} process(es) on {accelerator.device}, mixed "
-            f"precision {accelerator.mixed_precision}."
+            f"{model_name} ({num_parameters / 1e6:.2f}M parameters), {len(train_dataset)} images, "
+            f"{steps_per_epoch} steps/epoch x {num_epochs} epochs = {total_steps} steps, global batch {global_batch}, "
+            f"{num_processes} process(es){' (FSDP)' if sharded else ''} on {accelerator.device}, mixed precision "
+            f"{accelerator.mixed_precision}."
         )
         if hint := idle_cpu_cores_hint(accelerator.device, num_processes):
             accelerator.print(hint)
@@ -196,9 +200,11 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
             state.epoch_time_s += time.perf_counter() - started
             row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
             if (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps:
+                # The weights to evaluate, whole on every process (FSDP shards are gathered: all processes take part).
+                weights = full_tensors(ema.shadow_params if ema is not None else unwrapped.parameters())
+                _check_finite_weights(accelerator, unwrapped, state.step, output_dir)  # last/, best/ never NaN
                 if accelerator.is_main_process:
-                    _check_finite_weights(unwrapped, state.step, output_dir)  # last/ and best/ are never NaN
-                    pipeline = evaluation_pipeline(setup, eval_model, unwrapped, ema)
+                    pipeline = evaluation_pipeline(setup, eval_model, weights)
                     details = (
                         f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
                         f"steps ({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x "
@@ -209,6 +215,7 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                         pipeline, setup=setup, config=config, epoch=epoch, step=state.step, best=state.best, **kwargs
                     )
                     row.update(results)
+                del weights
                 accelerator.wait_for_everyone()
             metrics_log.log_epoch(row)
             state.epoch_loss_sum, state.epoch_steps, state.epoch_time_s = 0.0, 0, 0.0
@@ -289,7 +296,7 @@ def _resume(accelerator, checkpoint: Path, config: RunConfig, lr_scheduler, ema,
 
 def _checkpoint(accelerator, config, state: LoopState, model, lr_scheduler, ema, steps_per_epoch, callbacks) -> None:
     """Checkpoint the current step with the loop's counters and the run's config."""
-    _check_finite_weights(model, state.step, config.output_dir)
+    _check_finite_weights(accelerator, model, state.step, config.output_dir)
 
     def before_commit(step: int, folder: Path) -> None:
         for callback in callbacks:
@@ -314,10 +321,14 @@ def _checkpoint(accelerator, config, state: LoopState, model, lr_scheduler, ema,
     )
 
 
-def _check_finite_weights(model, step: int, output_dir) -> None:
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise _diverged(f"The weights {bad[:3]} became non-finite", step, output_dir)
+def _check_finite_weights(accelerator, model, step: int, output_dir) -> None:
+    """Every process: stop (all together) if any process holds a non-finite weight (of its shard, under FSDP)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(local_tensor(p)).all()]
+    bad_anywhere = len(bad)
+    if accelerator.num_processes > 1:
+        bad_anywhere = int(accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum").item())
+    if bad_anywhere:
+        raise _diverged(f"The weights {bad[:3] or '(of another process)'} became non-finite", step, output_dir)
 
 
 def _diverged(what: str, step: int, output_dir) -> TrainingDivergedError:
