@@ -64,7 +64,8 @@ def _launch(strategy: list[str], *hooks: str, args=(), output_dir, check=True):
     return result
 
 
-FSDP = ["--use_fsdp", "--fsdp_version", "2"]
+# Each UNet block (the model's `_no_split_modules`) is its own FSDP unit, as on a real multi-GPU run.
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
 DDP = ["--multi_gpu"]
 
 
@@ -152,3 +153,70 @@ def test_fsdp_settings_the_loop_cannot_honour_are_refused_before_training(tmp_pa
     )
     assert sharded.returncode != 0 and "FULL_STATE_DICT" in sharded.stderr, sharded.stderr[-2000:]
     assert not (tmp_path / "v1" / "checkpoints").exists() and not (tmp_path / "sharded" / "checkpoints").exists()
+
+
+def test_lora_fine_tuning_under_fsdp_matches_ddp_and_resumes_bit_identically(tmp_path):
+    import shutil
+
+    from tests.test_train_lora import TINY as LORA_TINY
+    from tests.test_train_lora import save_base
+
+    base = save_base("dit", tmp_path / "base")
+    args = [
+        *LORA_TINY,
+        "--lora.include_conv",
+        "false",
+        "--train.num_epochs",
+        "2",
+        "--checkpoint.every_steps",
+        "2",
+        "--ema.enabled",
+        "true",
+        "--ema.decay",
+        "0.9",
+        "--base.pretrained_model_name_or_path",
+        str(base),
+    ]
+
+    def launch(strategy, output_dir):
+        command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", "2"]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["-m", "training.train_lora", *args, "--output_dir", str(output_dir)]
+        env = _subprocess_env(OMP_NUM_THREADS="1")
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    assert "(FSDP)" in launch(FSDP, tmp_path / "fsdp").stdout
+    launch(DDP, tmp_path / "ddp")
+    adapter = "best/pytorch_lora_weights.safetensors"
+    fsdp, ddp = load_file(tmp_path / "fsdp" / adapter), load_file(tmp_path / "ddp" / adapter)
+    assert fsdp.keys() == ddp.keys() and all(".lora_" in k for k in fsdp)
+    for key in fsdp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-6, msg=key)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "checkpoint-2", resumed / "checkpoints" / "checkpoint-2")
+    args += ["--checkpoint.resume_from_checkpoint", "latest"]
+    launch(FSDP, resumed)
+    for file in (
+        "checkpoints/checkpoint-4/pytorch_model_fsdp.bin",
+        "checkpoints/checkpoint-4/ema.safetensors",
+        adapter,
+    ):
+        load = (lambda p: torch.load(p, weights_only=True)) if file.endswith(".bin") else load_file
+        expected, actual = load(tmp_path / "fsdp" / file), load(resumed / file)
+        assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected), file
+
+
+def test_deepspeed_is_refused_before_training_with_what_to_use_instead(tmp_path, monkeypatch):
+    from training.config import ConfigError
+    from training.train import main
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(
+        ConfigError,
+        match=r"DeepSpeed was requested; this training loop does not run under DeepSpeed.*--use_fsdp --fsdp_version 2",
+    ):
+        main([*tiny_run_args(), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoints").exists()

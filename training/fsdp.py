@@ -38,6 +38,7 @@ def fsdp_requested() -> bool:
 
 
 def deepspeed_requested() -> bool:
+    """`accelerate launch --use_deepspeed` (or a DeepSpeed accelerate config): refused by `build_accelerator`."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
 
 

@@ -54,15 +54,19 @@ def build_accelerator(config: RunConfig) -> Accelerator:
     mixed_precision = resolve_mixed_precision(config.train.mixed_precision)
     # `accelerate launch --multi_gpu` (or `--use_fsdp`) on a machine without GPUs: run the processes on CPU, gloo.
     cpu_processes = os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
-    plugin = None
+    plugin, routed = None, False
     if fsdp_requested():
         plugin = fsdp_plugin(mixed_precision)
         if cpu_processes:
             route_cpu_processes_to_fsdp()
-    elif deepspeed_requested() and not torch.cuda.is_available():
+            routed = True
+    elif deepspeed_requested():
         raise ConfigError(
-            "DeepSpeed was requested on a machine without a GPU; accelerate runs DeepSpeed on GPUs only. On CPU use "
-            "`accelerate launch --multi_gpu --num_processes N` (DDP) or `--use_fsdp --fsdp_version 2` (FSDP2)."
+            "DeepSpeed was requested; this training loop does not run under DeepSpeed: its engine owns the optimizer "
+            "step and writes checkpoints as pickles (which can run code when loaded) that the loop's checkpoint rules "
+            "refuse, and ZeRO-3 partitions the parameters the EMA averages. Use FSDP2, the same sharding (ZeRO-3 "
+            "like; `--fsdp_reshard_after_forward false` is ZeRO-2 like): `accelerate launch --use_fsdp "
+            "--fsdp_version 2 --num_processes N ...`, or DDP with `--multi_gpu`."
         )
     accelerator = Accelerator(
         cpu=cpu_processes,
@@ -73,7 +77,7 @@ def build_accelerator(config: RunConfig) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=os.path.join(output_dir, "logs")),
         dynamo_backend="inductor" if config.train.compile else "no",
     )
-    if plugin is not None and getattr(accelerator.state, "fsdp_plugin", None) is None:  # CPU routed to FSDP above
+    if routed:  # accelerate sets the plugin only for GPU-type processes
         accelerator.state.fsdp_plugin = plugin
     if accelerator.device.type == "cpu" and mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision 'fp16' needs a GPU; use 'no' (or 'bf16', slow on most CPUs) on CPU.")
