@@ -1,18 +1,20 @@
 """Where a training step's time goes: our models and diffusers' references, op by op, side by side.
 
-    python benchmarks/profile_models.py --threads 2                 # batch 64, 3 profiled steps per model (~3 min)
-    python benchmarks/profile_models.py --quick                     # batch 8, 1 step: checks that it runs
+    python benchmarks/profile_models.py --threads 2      # batch 64, 3 rounds x 2 profiled steps per model (~8 min)
+    python benchmarks/profile_models.py --quick          # batch 8, 1 round of 1 step: checks that it runs
 
 The models and the step are `bench_models.py`'s (same groups, same sizes and token counts). For each model, the
 forward and backward of a few steps run under `torch.profiler` and every op's self CPU time is put in one of a few
 kinds (matmul, convolution, attention kernel, normalization, activation, copies and layout, the elementwise rest);
-the AdamW step is timed on its own. The table gives milliseconds per step of each kind and, per group, how much
+the AdamW step is timed on its own. The models take turns in rounds (a change in the machine's load hits all of them
+alike) and each kind's median over the rounds is reported. The table gives milliseconds per step of each kind and, per group, how much
 more (+) or less (-) time our model spends on it than the reference: that is where one wins or loses, which the
 plain step times of `bench_models.py` do not say. The profiler adds a little overhead to every op, so the totals
 are a bit above `bench_models.py`'s step times; compare kinds, not totals, across the two scripts.
 """
 
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -72,6 +74,10 @@ def profile_contender(contender, batch, steps: int) -> dict[str, float]:
     return dict(per_kind)
 
 
+def median_per_kind(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {kind: statistics.median(r.get(kind, 0.0) for r in rounds) for kind in COLUMNS}
+
+
 def table(groups, results: dict) -> str:
     header = "| group | model | total ms | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|---|---|---:|" + "---:|" * len(COLUMNS)]
@@ -95,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 8, 1 step: check that the script runs")
     parser.add_argument("--batch_size", type=bench_models.positive_int, help="images per step (default 64)")
-    parser.add_argument("--steps", type=bench_models.positive_int, help="profiled steps per model (default 3)")
+    parser.add_argument(
+        "--steps", type=bench_models.positive_int, help="profiled steps per model and round (default 2)"
+    )
+    parser.add_argument("--rounds", type=bench_models.positive_int, help="alternating rounds (default 3)")
     parser.add_argument("--threads", type=bench_models.positive_int, help="torch intra-op threads")
     parser.add_argument(
         "--models",
@@ -106,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help=f"markdown file (default {DEFAULT_OUT.relative_to(REPO)})")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 64)
-    steps = args.steps or (1 if args.quick else 3)
+    steps = args.steps or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,16 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     groups = [bench_models.GROUP_BUILDERS[name](device) for name in args.models]
     batch = bench_models.make_batch(batch_size, device)
-    results = {}
-    for group in groups:
-        for contender in group.contenders:
-            results[contender.name] = profile_contender(contender, batch, steps)
-            print(f"{contender.name}: {sum(results[contender.name].values()):.0f} ms per step", flush=True)
+    measured = defaultdict(list)
+    for round_index in range(rounds):
+        for group in groups:
+            for contender in group.contenders:
+                measured[contender.name].append(profile_contender(contender, batch, steps))
+                total = sum(measured[contender.name][-1].values())
+                print(f"round {round_index + 1}/{rounds} {contender.name}: {total:.0f} ms per step", flush=True)
+    results = {name: median_per_kind(per_round) for name, per_round in measured.items()}
     text = (
         "# Where the training step's time goes\n\n"
         f"CPU, {torch.get_num_threads()} threads; fp32; batch {batch_size} of 1x32x32; forward + MSE + backward "
-        f"under `torch.profiler` ({steps} steps per model), self CPU time per op, put in kinds by op name; AdamW "
-        f"step timed alone; torch {torch.__version__}, diffusers {diffusers.__version__}; wall time "
+        f"under `torch.profiler` ({rounds} alternating rounds x {steps} steps per model; median per kind over the "
+        f"rounds), self CPU time per op, put in kinds by op name; AdamW step timed alone; torch {torch.__version__}, diffusers {diffusers.__version__}; wall time "
         f"{time.perf_counter() - started:.0f} s. Generated by `python benchmarks/profile_models.py"
         f"{' --quick' if args.quick else ''}{f' --threads {args.threads}' if args.threads else ''}`.\n\n"
         "Milliseconds per training step; in brackets, ours minus the group's reference (diffusers' model of the "
