@@ -1,6 +1,6 @@
 """Where a training step's time goes: our models and diffusers' references, op by op, side by side.
 
-    python benchmarks/profile_models.py --threads 2      # batch 64, 3 rounds x 2 profiled steps per model (~8 min)
+    python benchmarks/profile_models.py --threads 2      # batch 64, 3 rounds x 2 profiled steps per model (~2 min)
     python benchmarks/profile_models.py --quick          # batch 8, 1 round of 1 step: checks that it runs
 
 The models and the step are `bench_models.py`'s (same groups, same sizes and token counts). For each model, the
