@@ -155,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
-    from commands import run
+    from commands import run  # importable: bench_models put the repository on sys.path
 
     run(main)

@@ -4,13 +4,12 @@ bit-identical weights (`training/fsdp.py`)."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_runs import tiny_run_args
+from tests.tiny_runs import tiny_run_args, two_process_launch
 from training.checkpointing import TEMPORARY_PREFIX, check_checkpoint, latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
@@ -34,18 +33,7 @@ ARGS = [
 
 def _launch(strategy: list[str], *hooks: str, args=(), output_dir, check=True):
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *strategy,
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *two_process_launch(*strategy),
         HOOKED_TRAIN,
         # At least one hook: `accelerate launch` drops a "--" that directly follows the script.
         *(hooks or ["--count-events", str(output_dir.parent / f"{output_dir.name}_events.txt")]),
@@ -179,9 +167,7 @@ def test_lora_fine_tuning_under_fsdp_matches_ddp_and_resumes_bit_identically(tmp
     ]
 
     def launch(strategy, output_dir):
-        command = [sys.executable, "-m", "accelerate.commands.launch", *strategy, "--num_processes", "2"]
-        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        command += ["-m", "training.train_lora", *args, "--output_dir", str(output_dir)]
+        command = [*two_process_launch(*strategy), "-m", "training.train_lora", *args, "--output_dir", str(output_dir)]
         env = _subprocess_env(OMP_NUM_THREADS="1")
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from hub_server import FakeHub
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_runs import tiny_run_args
+from tiny_runs import tiny_run_args, two_process_launch
 
 import pipelines  # noqa: F401  (registers the pipeline classes on diffusers)
 from atomic_files import REPLACED_PREFIX, TEMPORARY_PREFIX, recover_directory, write_atomically
@@ -274,18 +274,7 @@ def test_two_cpu_processes_share_weights_visit_each_image_once_and_push_once(tmp
     debug_dir = tmp_path / "debug"
     debug_dir.mkdir()
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *two_process_launch("--multi_gpu"),
         HOOKED_TRAIN,
         "--debug-dir",
         str(debug_dir),

@@ -1,5 +1,7 @@
 """The command-line arguments of tiny training runs, shared by the tests that train (seconds per run on CPU)."""
 
+import sys
+
 # 16 MNIST images (4 more for validation), the `tiny` preset, no tracker, cheap evaluations, no checkpoints.
 TINY_RUN_SETTINGS = {
     "model.preset": "tiny",
@@ -18,3 +20,22 @@ def tiny_run_args(**settings) -> list[str]:
     """`--key value` arguments of a tiny run; `settings` (dotted keys, e.g. `**{"train.batch_size": 8}`) override."""
     merged = {**TINY_RUN_SETTINGS, **settings}
     return [item for key, value in merged.items() for item in (f"--{key}", str(value))]
+
+
+def two_process_launch(*strategy: str) -> list[str]:
+    """The command prefix that runs a script as two CPU processes under `accelerate launch` (gloo on a machine
+    without GPUs), fp32, no compile; `strategy` picks DDP (`--multi_gpu`) or FSDP (`--use_fsdp ...`)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *strategy,
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]

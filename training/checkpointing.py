@@ -157,10 +157,16 @@ def _check_tensors(path: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(path)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error}).") from error
+    _check_finite(tensors, path)
+    return tensors
+
+
+def _check_finite(tensors: dict, path: Path) -> None:
     for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: {name!r} is not a tensor.")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values.")
-    return tensors
 
 
 def _check_pickle(path: Path, what: str) -> dict:
@@ -238,14 +244,9 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> dict:
     if model_filename == MODEL_FILENAME:
         _check_tensors(checkpoint / MODEL_FILENAME)
     else:
-        weights = _check_pickle(checkpoint / FSDP_MODEL_FILENAME, "the model weights")
-        for name, tensor in weights.items():
-            if not isinstance(tensor, torch.Tensor):
-                raise CheckpointError(f"{checkpoint / FSDP_MODEL_FILENAME}: {name!r} is not a tensor.")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise CheckpointError(
-                    f"{checkpoint / FSDP_MODEL_FILENAME}: tensor {name!r} holds NaN or infinite values."
-                )
+        _check_finite(
+            _check_pickle(checkpoint / FSDP_MODEL_FILENAME, "the model weights"), checkpoint / FSDP_MODEL_FILENAME
+        )
     if state["ema"] is not None:
         _check_tensors(checkpoint / EMA_FILENAME)
     _check_pickle(checkpoint / OPTIMIZER_FILENAME, "the optimizer state")
