@@ -58,7 +58,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """`metrics.csv` (one row per epoch, fixed columns) plus the same values to the accelerate trackers.
+    """`metrics.csv` (one row per epoch and per `eval.every_steps` evaluation, fixed columns) plus the same values to the accelerate trackers.
 
     The whole file is rewritten atomically with each row, and every checkpoint keeps a copy: a resumed run
     starts from the checkpoint's rows (restored by the loop before this is built), a fresh run from none.

@@ -294,6 +294,12 @@ class EvalConfig:
     """Sample grids, denoising GIFs, validation loss and (optional) quality metrics, every few epochs."""
 
     every_epochs: int = bounded(1, 1, doc="evaluate every N epochs, and at the end")
+    every_steps: int = bounded(
+        0,
+        0,
+        doc="also evaluate every N optimizer steps inside epochs (quality-vs-time curves of runs shorter than an "
+        "epoch); each evaluation ends a metrics.csv row; 0: at epoch ends only",
+    )
     sampler: str = choice(
         "auto",
         SAMPLERS,

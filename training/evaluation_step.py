@@ -1,6 +1,6 @@
-"""The loop's evaluation step and the best-checkpoint rule: on the main process, every `eval.every_epochs`, a
-sample grid (and GIF), the validation loss, optional quality metrics, `last/` and, when better, `best/`.
-Everything it needs comes in as arguments; it returns the epoch's metrics and the new best record.
+"""The loop's evaluation step and the best-checkpoint rule: on the main process, every `eval.every_epochs` (and
+`eval.every_steps`), a sample grid (and GIF), the validation loss, optional quality metrics, `last/` and, when
+better, `best/`. Everything it needs comes in as arguments; it returns the metrics and the new best record.
 """
 
 import time
@@ -83,8 +83,8 @@ def evaluate(
     *,
     setup: TrainingSetup,
     config: RunConfig,
-    epoch: int,
     step: int,
+    sample_name: str,
     best: dict,
     validation_batches: list,
     details: str,
@@ -92,14 +92,14 @@ def evaluate(
 ) -> tuple[dict, dict]:
     """Main process: sample grid (and GIF), validation loss, metrics, `last/` and, if better, `best/`.
 
-    Returns (the epoch's metrics row entries, the best record after this evaluation).
+    The grid (and GIF) are saved as `samples/<sample_name>.png` (`.gif`). Returns (the metrics row's entries, the
+    best record after this evaluation).
     """
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
-    name = f"epoch_{epoch:04d}"
-    gif_path = output_dir / "samples" / f"{name}.gif" if config.eval.gif else None
+    gif_path = output_dir / "samples" / f"{sample_name}.gif" if config.eval.gif else None
     num_classes = setup.train_dataset.num_classes
-    grid = save_sample_grid(pipeline, config.eval, num_classes, output_dir / "samples" / f"{name}.png", gif_path)
+    grid = save_sample_grid(pipeline, config.eval, num_classes, output_dir / "samples" / f"{sample_name}.png", gif_path)
     results, metrics = {}, {}
     if validation_batches:
         results["val_loss"] = validation_loss(

@@ -5,7 +5,9 @@ Plain `python -m training.train ...` works too (one process). Any config key can
 `--section.key value` (see `training/config.py`). The run writes into `output_dir`:
 
     config.yaml           the resolved config
-    metrics.csv           one row per epoch (loss, timings, memory, throughput, validation loss, metrics)
+    metrics.csv           one row per epoch, and per `eval.every_steps` evaluation inside one (loss, timings,
+                          memory, throughput, validation loss, metrics; the rows' epoch_time_s add up to the
+                          training time)
     logs/                 tensorboard
     samples/              a sample grid (one row per class) and a denoising GIF per evaluation
     checkpoints/          `checkpoint-<step>` folders for exact resumption
@@ -141,7 +143,37 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
         def checkpoint() -> None:
             _checkpoint(accelerator, config, state, unwrapped, lr_scheduler, ema, steps_per_epoch, callbacks)
 
-        every = config.checkpoint.every_steps
+        def end_row(epoch: int, evaluate_now: bool, sample_name: str) -> None:
+            """Write the metrics row of the steps since the last row, evaluating first if asked."""
+            row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
+            if evaluate_now:
+                # The weights to evaluate, whole on every process (FSDP shards are gathered: all processes take part).
+                weights = full_tensors(ema.shadow_params if ema is not None else unwrapped.parameters())
+                _check_finite_weights(accelerator, unwrapped, state.step, output_dir)  # last/, best/ never NaN
+                if accelerator.is_main_process:
+                    pipeline = evaluation_pipeline(setup, eval_model, weights)
+                    details = (
+                        f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
+                        f"steps ({state.step / steps_per_epoch:.3g} epochs) at global batch {global_batch} on "
+                        f"{num_processes} x {accelerator.device.type}; EMA weights: {ema is not None}."
+                    )
+                    kwargs = dict(validation_batches=eval_batches, details=details, accelerator=accelerator)
+                    results, state.best = evaluate(
+                        pipeline,
+                        setup=setup,
+                        config=config,
+                        step=state.step,
+                        best=state.best,
+                        **kwargs,
+                        sample_name=sample_name,
+                    )
+                    row.update(results)
+                del weights
+                accelerator.wait_for_everyone()
+            metrics_log.log_epoch(row)
+            state.epoch_loss_sum, state.epoch_steps, state.epoch_time_s = 0.0, 0, 0.0
+
+        every, eval_every = config.checkpoint.every_steps, config.eval.every_steps
         progress = tqdm(
             total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="steps"
         )
@@ -188,37 +220,25 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                 if state.step % config.train.log_every_steps == 0 or state.step == total_steps:
                     _log_window(accelerator, progress, lr_scheduler, window_losses, state.step)
                     window_losses = []
-                # A checkpoint at the end of an epoch waits for the epoch's metrics row (and the one at the last
-                # step for the final evaluation), so that it holds them.
-                if every and state.step % every == 0 and state.step % steps_per_epoch and state.step < total_steps:
+                # Inside an epoch: an `eval.every_steps` evaluation ends a metrics row, and a checkpoint at the same
+                # step follows it so that it holds the row. A checkpoint at the end of an epoch waits for the epoch's
+                # row (and the one at the last step for the final evaluation) for the same reason.
+                inside_epoch = state.step % steps_per_epoch and state.step < total_steps
+                evaluate_inside = inside_epoch and eval_every and state.step % eval_every == 0
+                checkpoint_inside = inside_epoch and every and state.step % every == 0
+                if evaluate_inside or checkpoint_inside:
                     state.epoch_time_s += time.perf_counter() - started
-                    checkpoint()
+                    if evaluate_inside:
+                        end_row(epoch, True, sample_name=f"step_{state.step:07d}")
+                    if checkpoint_inside:
+                        checkpoint()
                     started = time.perf_counter()
                 if state.step >= total_steps:
                     break
 
             state.epoch_time_s += time.perf_counter() - started
-            row = _epoch_row(accelerator, state, epoch, lr_scheduler, global_batch)
-            if (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps:
-                # The weights to evaluate, whole on every process (FSDP shards are gathered: all processes take part).
-                weights = full_tensors(ema.shadow_params if ema is not None else unwrapped.parameters())
-                _check_finite_weights(accelerator, unwrapped, state.step, output_dir)  # last/, best/ never NaN
-                if accelerator.is_main_process:
-                    pipeline = evaluation_pipeline(setup, eval_model, weights)
-                    details = (
-                        f"Recipe config in `training_config.yaml`: {setup.description}, {state.step} optimizer "
-                        f"steps ({epoch + 1} epochs) at global batch {global_batch} on {num_processes} x "
-                        f"{accelerator.device.type}; EMA weights: {ema is not None}."
-                    )
-                    kwargs = dict(validation_batches=eval_batches, details=details, accelerator=accelerator)
-                    results, state.best = evaluate(
-                        pipeline, setup=setup, config=config, epoch=epoch, step=state.step, best=state.best, **kwargs
-                    )
-                    row.update(results)
-                del weights
-                accelerator.wait_for_everyone()
-            metrics_log.log_epoch(row)
-            state.epoch_loss_sum, state.epoch_steps, state.epoch_time_s = 0.0, 0, 0.0
+            evaluate_now = (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps
+            end_row(epoch, evaluate_now, sample_name=f"epoch_{epoch:04d}")
             if every and state.step % every == 0 and state.step < total_steps:
                 checkpoint()
 
