@@ -2,26 +2,33 @@
 
     python -m commands.compare runs/unet runs/dit runs/mmdit --output_dir comparison/
 
-Each run folder is what `training.train` writes: `config.yaml`, `metrics.csv` (one row per epoch) and the
+Each run folder is what `training.train` writes: `config.yaml`, `metrics.csv` (a row per epoch and per
+`eval.every_steps` evaluation) and the
 `last/` pipeline. Per run the table gives the denoiser's parameters, the last evaluation's FID-MNIST, GAN-test
 accuracy and Inception Score (with their sample count), the median training images/s and step time over
 epochs, the peak memory, and the sampling time per image at `--num_inference_steps` (50), measured here on one
 batch of `--images_per_label` images per class, which also forms the run's column of `samples.png`.
 
-Writes `comparison.md`, `comparison.json`, `fid_mnist.png`, `loss.png`, `throughput.png`, `memory.png` and
-`samples.png` into `--output_dir`.
+The second table measures attention per image (keys and values held, attention and forward FLOPs, K/V
+projection parameters): what grouped-query attention saves. Writes `comparison.md`, `comparison.json`,
+`quality_vs_time.png` (FID-MNIST and GAN-test accuracy against training minutes), `fid_mnist.png`, `loss.png`,
+`throughput.png`, `memory.png` and `samples.png` into `--output_dir`.
 """
 
 import argparse
 import csv
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image, ImageDraw
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from atomic_files import write_text_atomically
 from pipelines.images import image_grid
@@ -31,6 +38,8 @@ from . import run
 from .common import environment_line, load_pipeline, seconds
 
 PIPELINE_SUBFOLDER = "last"
+# Parameter-name parts of the key and value projections in `custom_models` (UNet, DiT, MMDiT image and context).
+KEY_VALUE_PROJECTIONS = ("to_k", "to_v", "add_k_proj", "add_v_proj")
 TITLE_HEIGHT = 16
 # Samples smaller than this are shown at twice their size (nearest neighbour) so that digits are readable.
 SMALL_IMAGE_SIZE = 64
@@ -105,6 +114,9 @@ def read_run(folder: str) -> dict:
         "inception_score": last_eval.get("inception_score"),
         "metric_num_samples": int(last_eval["metric_num_samples"]) if last_eval.get("metric_num_samples") else None,
         "metric_epoch": int(last_eval["epoch"]) + 1 if last_eval.get("epoch") is not None else None,
+        # Rows cover consecutive stretches of steps (an epoch, or up to an `eval.every_steps` evaluation): their
+        # epoch_time_s add up to the training time, evaluations excluded.
+        "train_time_s": sum(column("epoch_time_s")) if column("epoch_time_s") else None,
         "imgs_per_sec": statistics.median(column("imgs_per_sec")) if column("imgs_per_sec") else None,
         "step_time_ms": statistics.median(column("step_time_ms")) if column("step_time_ms") else None,
         "peak_mem_mb": max(column("peak_mem_mb")) if column("peak_mem_mb") else None,
@@ -122,6 +134,7 @@ def measure_sampling(run_info: dict, args) -> Image.Image:
     if not num_classes:
         guidance_scale = 1.0
     run_info["parameters"] = sum(parameter.numel() for parameter in pipeline.denoiser.parameters())
+    run_info.update(attention_cost(pipeline))
     run_info["scheduler"] = type(pipeline.scheduler).__name__
     run_info["sampling_guidance_scale"] = guidance_scale
     call = dict(num_images_per_label=args.images_per_label, guidance_scale=guidance_scale, output_type="pil")
@@ -147,6 +160,52 @@ def measure_sampling(run_info: dict, args) -> Image.Image:
     return titled
 
 
+class _AttentionCounter(TorchFunctionMode):
+    """Counts what every `scaled_dot_product_attention` call reads as keys and values, and its FLOPs."""
+
+    def __init__(self):
+        super().__init__()
+        self.key_value_bytes, self.flops = 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key, value = args[:3]
+            self.key_value_bytes += (key.numel() + value.numel()) * key.element_size()
+            # Q K^T and the weighted sum of V: 2 matmuls of 2 * Lq * Lk * head_dim FLOPs per query head.
+            *batch, query_tokens, head_dim = query.shape
+            self.flops += 4 * math.prod(batch) * query_tokens * key.shape[-2] * head_dim
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def attention_cost(pipeline) -> dict:
+    """Per image, one denoiser forward (no guidance), measured: the keys and values its attention layers hold
+    (what grouped K/V heads shrink), the attention FLOPs (Q K^T and A V) and the forward's total FLOPs
+    (`torch.utils.flop_counter`: matmuls, convolutions, attention), plus the K/V projection parameters."""
+    num_classes = pipeline.denoiser.config.num_classes
+    call = dict(num_inference_steps=1, guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+    images = num_classes or 1
+    counter, flop_counter = _AttentionCounter(), FlopCounterMode(display=False)
+    with flop_counter, counter:
+        pipeline(num_images_per_label=1, **call)
+    key_value_parameters = sum(
+        parameter.numel()
+        for name, parameter in pipeline.denoiser.named_parameters()
+        if any(part in name.split(".") for part in KEY_VALUE_PROJECTIONS)
+    )
+    config = pipeline.denoiser.config
+    query_heads = config.get("num_attention_heads")
+    return {
+        "query_heads": query_heads,
+        "kv_heads": config.get("num_kv_heads") or query_heads,
+        "kv_kib_per_image": counter.key_value_bytes / images / 1024,
+        "attention_mflop_per_image": counter.flops / images / 1e6,
+        "forward_mflop_per_image": flop_counter.get_total_flops() / images / 1e6,
+        "kv_projection_parameters": key_value_parameters,
+    }
+
+
 def side_by_side(grids: list, gap: int = 8) -> Image.Image:
     width = sum(grid.width for grid in grids) + gap * (len(grids) - 1)
     canvas = Image.new("RGB", (width, max(grid.height for grid in grids)), "white")
@@ -166,8 +225,8 @@ def format_markdown(runs: list, args) -> str:
     lines = [
         "| run | model | objective | trained (steps x batch) | parameters | FID-MNIST | GAN-test acc. | IS | "
         "train img/s | step ms | peak mem MB | "
-        f"sampling s/img ({args.num_inference_steps} steps) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"sampling s/img ({args.num_inference_steps} steps) | training min |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for info in runs:
         fid = _cell(info["fid_mnist"], 2)
@@ -178,7 +237,8 @@ def format_markdown(runs: list, args) -> str:
             f"{_cell(info['steps'], 0)} x {_cell(info['batch_per_step'], 0)} | "
             f"{info['parameters'] / 1e6:.2f}M | {fid} | {_cell(info['gan_test_acc'], 3)} | "
             f"{_cell(info['inception_score'], 2)} | {_cell(info['imgs_per_sec'], 1)} | {_cell(info['step_time_ms'], 0)} | "
-            f"{_cell(info['peak_mem_mb'], 0)} | {_cell(info['sampling_s_per_image'], 4)} |"
+            f"{_cell(info['peak_mem_mb'], 0)} | {_cell(info['sampling_s_per_image'], 4)} | "
+            f"{_cell(info['train_time_s'] and info['train_time_s'] / 60, 1)} |"
         )
     evaluated_at = ", ".join(
         f"{info['name']}: epoch {info['metric_epoch']} of {info['epochs']}"
@@ -195,6 +255,23 @@ def format_markdown(runs: list, args) -> str:
         f"batch of {runs[0]['sampling_batch']} images per run (`{PIPELINE_SUBFOLDER}/` pipeline, its saved scheduler, "
         f"seed {args.seed}) on {environment_line()}.",
         "",
+        "Attention per image, one denoiser forward without guidance, measured on the `last/` pipeline: the keys and "
+        "values its attention layers read (fp32; what grouped K/V heads shrink), the FLOPs of Q K^T and A V, all the "
+        "forward's FLOPs (`torch.utils.flop_counter`) and the K/V projection parameters.",
+        "",
+        "| run | query / K/V heads | K/V KiB | attention MFLOP | forward MFLOP | K/V projection parameters |",
+        "|---|---|---:|---:|---:|---:|",
+        *(
+            f"| {info['name']} | {info['query_heads']} / {info['kv_heads']} | {info['kv_kib_per_image']:,.1f} | "
+            f"{info['attention_mflop_per_image']:,.2f} | {info['forward_mflop_per_image']:,.1f} | "
+            f"{info['kv_projection_parameters']:,} |"
+            for info in runs
+        ),
+        "",
+        "Training min: the rows' training time added up (evaluations and checkpoints excluded).",
+        "",
+        "![quality vs training time](quality_vs_time.png)",
+        "",
         "![FID-MNIST](fid_mnist.png) ![loss](loss.png) ![throughput](throughput.png) ![memory](memory.png)",
         "",
         "![samples](samples.png)",
@@ -204,7 +281,8 @@ def format_markdown(runs: list, args) -> str:
 
 
 def plot_all(runs: list, output_dir: Path) -> list:
-    """Line plots (FID-MNIST and loss vs epoch) and bar charts (throughput, memory); returns the paths."""
+    """Line plots (FID-MNIST and loss vs step, FID-MNIST and GAN-test vs training time) and bar charts (throughput,
+    memory); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,15 +302,37 @@ def plot_all(runs: list, output_dir: Path) -> list:
     ):
         figure, axis = plt.subplots(figsize=(6, 4))
         for info in runs:
-            points = [(row["epoch"] + 1, row[column]) for row in info["rows"] if row.get(column) is not None]
+            points = [(row["step"], row[column]) for row in info["rows"] if row.get(column) is not None]
             if points:
                 axis.plot(*zip(*points), marker="o", label=info["name"])
-        axis.set_xlabel("epoch")
+        axis.set_xlabel("optimizer step")
         axis.set_ylabel(ylabel)
         if axis.get_lines():
             axis.set_yscale("log")
             axis.legend()
         save(figure, name)
+
+    # Quality against the training time spent (the rows' epoch_time_s added up): what a CPU budget buys.
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for column, axis, ylabel in (
+        ("fid", axes[0], "FID-MNIST (log scale)"),
+        ("gan_test_acc", axes[1], "GAN-test accuracy"),
+    ):
+        for info in runs:
+            elapsed, points = 0.0, []
+            for row in info["rows"]:
+                elapsed += row.get("epoch_time_s") or 0.0
+                if row.get(column) is not None:
+                    points.append((elapsed / 60, row[column]))
+            if points:
+                axis.plot(*zip(*points), marker="o", label=info["name"])
+        axis.set_xlabel("training time (min)")
+        axis.set_ylabel(ylabel)
+        if axis.get_lines():
+            axis.legend(fontsize="small")
+            if column == "fid":
+                axis.set_yscale("log")
+    save(figure, "quality_vs_time.png")
 
     for name, key, ylabel in (
         ("throughput.png", "imgs_per_sec", "training images / s"),

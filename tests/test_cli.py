@@ -379,8 +379,11 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
         and "| dit_run | dit `tiny` | diffusion | 4 x 8 |" in markdown
     )
     assert "(N=20)" in markdown and "sampling s/img (2 steps)" in markdown
-    for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png"):
+    for name in ("fid_mnist.png", "loss.png", "throughput.png", "memory.png", "quality_vs_time.png"):
         assert Image.open(output / name).size[0] > 100
+    # Attention measured per image: the tiny DiT (2 layers, 49 tokens, 4 query heads of 8 dims sharing 2 K/V heads)
+    # holds 2 x 49 x (K and V) x 2 heads x 8 x 4 bytes and spends 4 x 4 heads x 49 x 49 x 8 x 2 FLOPs in Q K^T and A V.
+    assert "| dit_run | 4 / 2 | 12.2 | 0.61 |" in markdown
     grids = Image.open(output / "samples.png")
     assert grids.height == compare.TITLE_HEIGHT + 10 * 28 * 2  # one 28x28 image per class, shown at twice the size
     summary = json.loads((output / "comparison.json").read_text())
@@ -390,7 +393,13 @@ def test_compare_writes_table_plots_and_side_by_side_grid(run_dirs, tmp_path, ca
         assert (
             run["sampling_s_per_image"] > 0 and run["epochs"] == 2 and run["steps"] == 4 and run["batch_per_step"] == 8
         )
-    assert len(result["files"]) == 7
+    dit = summary[1]
+    assert dit["kv_kib_per_image"] == 2 * 49 * 2 * 2 * 8 * 4 / 1024
+    assert dit["attention_mflop_per_image"] == 4 * 4 * 49 * 49 * 8 * 2 / 1e6
+    assert dit["kv_projection_parameters"] == 2 * 2 * (32 * 16 + 16)  # to_k and to_v: 32 -> 2 heads x 8, with bias
+    assert dit["forward_mflop_per_image"] > dit["attention_mflop_per_image"]
+    assert summary[0]["train_time_s"] > 0
+    assert len(result["files"]) == 8
     assert "compared 2 runs" in capsys.readouterr().out
 
 

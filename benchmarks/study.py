@@ -1,0 +1,164 @@
+"""The study (issue 19): DiT with grouped-query attention vs an SD-style UNet with multi-head attention and an
+SD3-style MMDiT, at the same CPU budget, on the shipped MNIST.
+
+    python benchmarks/study.py                      # train every run (resuming), evaluate, write the report
+    python benchmarks/study.py --runs dit_gqa_kv2   # one run (train + evaluate), then the report of all finished
+    python benchmarks/study.py --report_only        # only the report, from the finished runs
+
+The runs are the recipes in `configs/study/` (their header says what they share). For each run, in order:
+1. train: `python -m training.train --config configs/study/<run>.yaml` in a child process (its log in
+   `outputs/study/logs/<run>.log`); a run with checkpoints and unfinished steps resumes from the latest (exactly:
+   same weights, data order and noise as an uninterrupted run), a finished run is not trained again;
+2. evaluate: the run's `last/` pipeline (the weights at the end of the budget; no selection on noisy in-training
+   FIDs) with `--num_samples_per_class` (100: 1,000 samples) images per digit, the run's own sampler and steps,
+   written to `outputs/study/<run>/evaluation.json`.
+Then the report (`benchmarks/study_report.py`) over every run that has its evaluation: tables, curves of quality vs
+training time, samples side by side, GQA's savings, written to `--output_dir` (benchmarks/results/study).
+
+This is a benchmark, not a test: about 20-25 minutes per run on 2 CPU cores.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from atomic_files import write_text_atomically  # noqa: E402
+from commands.common import environment_line, load_pipeline, seconds  # noqa: E402
+from evaluation.metrics import evaluate_pipeline  # noqa: E402
+from training.checkpointing import latest_checkpoint  # noqa: E402
+
+STUDY_DIR = REPO / "configs" / "study"
+# The order runs are trained in: the question first (DiT-GQA vs UNet-MHA vs MMDiT), then the GQA ablation, the
+# objectives, and the second seed.
+STUDY_RUNS = (
+    "dit_gqa_kv2",
+    "unet_mha",
+    "mmdit_flow",
+    "dit_mha_kv4",
+    "dit_mqa_kv1",
+    "dit_gqa_kv2_flow",
+    "dit_gqa_kv2_eps",
+    "dit_gqa_kv2_seed1",
+)
+EVALUATION_FILE = "evaluation.json"
+
+
+def run_config(name: str) -> dict:
+    path = STUDY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"Unknown study run {name!r}: no {path}. Study runs: {', '.join(STUDY_RUNS)}.")
+    return yaml.safe_load(path.read_text())
+
+
+def output_folder(name: str) -> Path:
+    return REPO / run_config(name)["output_dir"]
+
+
+def trained_steps(folder: Path) -> int:
+    """Optimizer steps in the run's metrics.csv (0 when it has none)."""
+    metrics = folder / "metrics.csv"
+    if not metrics.is_file():
+        return 0
+    lines = metrics.read_text().strip().splitlines()
+    if len(lines) < 2:
+        return 0
+    header, last = lines[0].split(","), lines[-1].split(",")
+    return int(last[header.index("step")])
+
+
+def train(name: str) -> None:
+    """Train the run to its max_steps: fresh, resumed from its latest checkpoint, or not at all when finished."""
+    config, folder = run_config(name), output_folder(name)
+    target = int(config["train"]["max_steps"])
+    if trained_steps(folder) >= target and (folder / "last" / "model_index.json").is_file():
+        print(f"{name}: trained ({target} steps); not training again", flush=True)
+        return
+    command = [sys.executable, "-m", "training.train", "--config", str(STUDY_DIR / f"{name}.yaml")]
+    resume = latest_checkpoint(folder) is not None
+    if resume:
+        command += ["--checkpoint.resume_from_checkpoint", "latest"]
+    log = folder.parent / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{name}: {'resuming' if resume else 'training'} ({target} steps), log in {log}", flush=True)
+    started = time.perf_counter()
+    with open(log, "a") as output:
+        result = subprocess.run(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: training failed (exit {result.returncode}); see {log}")
+    print(f"{name}: trained in {seconds(time.perf_counter() - started)}", flush=True)
+
+
+def evaluate(name: str, num_samples_per_class: int, batch_size: int) -> dict:
+    """Score the run's `last/` pipeline with its own sampler settings; cached in the run folder."""
+    config, folder = run_config(name), output_folder(name)
+    path = folder / EVALUATION_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("num_samples_per_class") == num_samples_per_class and saved.get("step") == trained_steps(folder):
+            print(f"{name}: evaluated before (N={saved['num_samples']})", flush=True)
+            return saved
+    pipeline = load_pipeline(str(folder / "last"), None)
+    started = time.perf_counter()
+    results = evaluate_pipeline(
+        pipeline,
+        num_samples_per_class=num_samples_per_class,
+        num_inference_steps=int(config["eval"]["num_inference_steps"]),
+        guidance_scale=float(config["eval"]["guidance_scale"]),
+        seed=0,
+        batch_size=batch_size,
+        progress=True,
+    )
+    results.update(
+        run=name,
+        step=trained_steps(folder),
+        num_samples_per_class=num_samples_per_class,
+        evaluation_time_s=time.perf_counter() - started,
+        environment=environment_line(),
+    )
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
+    print(
+        f"{name}: FID-MNIST {results['fid_mnist']:.2f}, GAN-test {results['gan_test_acc']:.4f} "
+        f"(N={results['num_samples']}, {seconds(results['evaluation_time_s'])})",
+        flush=True,
+    )
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(STUDY_RUNS), help="comma-separated study runs (default: all)")
+    parser.add_argument("--num_samples_per_class", type=int, default=100)
+    parser.add_argument("--batch_size", type=int, default=500)
+    parser.add_argument("--report_only", action="store_true", help="write the report from the finished runs")
+    parser.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "study"))
+    args = parser.parse_args(argv)
+    names = [name.strip() for name in args.runs.split(",") if name.strip()]
+    for name in names:
+        run_config(name)  # unknown names fail before anything runs
+    if args.num_samples_per_class < 1:
+        raise ValueError("--num_samples_per_class must be at least 1.")
+    started = time.perf_counter()
+    if not args.report_only:
+        for name in names:
+            train(name)
+            evaluate(name, args.num_samples_per_class, args.batch_size)
+    from study_report import write_report
+
+    finished = [name for name in STUDY_RUNS if (output_folder(name) / EVALUATION_FILE).is_file()]
+    if finished:
+        write_report(finished, Path(args.output_dir), args.num_samples_per_class)
+    print(f"study done in {seconds(time.perf_counter() - started)}", flush=True)
+
+
+if __name__ == "__main__":
+    from commands import run
+
+    run(main)
