@@ -78,6 +78,15 @@ def train(name: str) -> None:
     """Train the run to its max_steps: fresh, resumed from its latest checkpoint, or not at all when finished."""
     config, folder = run_config(name), output_folder(name)
     target = int(config["train"]["max_steps"])
+    if (folder / "config.yaml").is_file():
+        # The budget sets the lr schedule (cosine over max_steps): a run started with another budget can neither
+        # count as this one nor be resumed into it. Its outputs are the user's: moved away by hand, never deleted.
+        started_with = yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"]
+        if started_with != target:
+            raise ValueError(
+                f"{name}: {folder} holds a run of {started_with} steps, but configs/study/{name}.yaml now asks for "
+                f"{target}. Move that folder away (or restore the recipe's max_steps) and run the study again."
+            )
     if trained_steps(folder) >= target and (folder / "last" / "model_index.json").is_file():
         print(f"{name}: trained ({target} steps); not training again", flush=True)
         return

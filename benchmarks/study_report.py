@@ -8,10 +8,10 @@ MNIST train images at the same sample count (the floor), checks the issue's qual
 """
 
 import json
-import shutil
 from pathlib import Path
 
 from evaluate_runs import real_data_floor
+from PIL import Image, ImageSequence
 from study import EVALUATION_FILE, output_folder, run_config
 
 from atomic_files import write_text_atomically
@@ -21,6 +21,8 @@ from commands.common import environment_line
 # Issue 19's targets (1,000 samples, the shipped classifier; floor = real train images at the same N).
 BEST_GAN_TEST, BEST_FID_OVER_FLOOR, EVERY_GAN_TEST = 0.99, 3.0, 0.95
 SEED_PAIR = ("dit_gqa_kv2", "dit_gqa_kv2_seed1")
+# Samples per digit kept in the report's denoising GIFs (the runs' own GIFs keep all of eval.images_per_class).
+GIF_SAMPLES_PER_DIGIT = 2
 
 
 def _floor(output_dir: Path, num_samples_per_class: int) -> dict:
@@ -32,6 +34,20 @@ def _floor(output_dir: Path, num_samples_per_class: int) -> dict:
     floor = {**real_data_floor(num_samples_per_class), "num_samples_per_class": num_samples_per_class}
     write_text_atomically(path, json.dumps(floor, indent=2) + "\n")
     return floor
+
+
+def crop_gif(source: Path, target: Path, images_per_row: int, keep: int = GIF_SAMPLES_PER_DIGIT) -> None:
+    """Copy a denoising GIF (one row per digit, `images_per_row` samples each) keeping the first `keep` columns:
+    every frame and its timing, a fraction of the size to commit."""
+    with Image.open(source) as gif:
+        width = gif.width * min(keep, images_per_row) // images_per_row
+        frames, durations = [], []
+        for frame in ImageSequence.Iterator(gif):
+            frames.append(frame.convert("L").crop((0, 0, width, gif.height)))
+            durations.append(frame.info.get("duration", 80))
+    temporary = target.with_name(f".{target.name}.tmp")
+    frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    temporary.replace(target)
 
 
 def _objective(config: dict) -> str:
@@ -90,13 +106,15 @@ def write_report(names: list, output_dir: Path, num_samples_per_class: int) -> d
         gifs = sorted((folder / "samples").glob("*.gif"))
         if gifs:  # the last evaluation's denoising GIF
             (output_dir / "gifs").mkdir(exist_ok=True)
-            shutil.copyfile(max(gifs, key=lambda path: path.stat().st_mtime), output_dir / "gifs" / f"{name}.gif")
+            latest = max(gifs, key=lambda path: path.stat().st_mtime)
+            crop_gif(latest, output_dir / "gifs" / f"{name}.gif", int(config["eval"]["images_per_class"]))
 
     lines = [
         "# The study: DiT with grouped-query attention vs UNet with multi-head attention vs MMDiT",
         "",
         f"`python benchmarks/study.py` on {environment_line()}: the recipes in `configs/study/` (shipped MNIST, "
-        "batch 64, max_steps set to 15 minutes of training per architecture at its step time measured beforehand), "
+        "batch 64, max_steps set to 15 minutes of training at the architecture's step time measured in its first "
+        "study run; the training minutes below are what each run took), "
         f"each run's `last/` pipeline scored with {floor['num_samples']:,} samples ({num_samples_per_class} per "
         "digit, seed 0) by the shipped MNIST classifier against the 10,000 real test images. Floor: real MNIST train "
         "images scored the same way at the same N.",

@@ -2,11 +2,13 @@
 resumes, evaluates and reports end to end on a tiny run."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from training.config import load_config
 
@@ -100,21 +102,32 @@ def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeyp
     assert summary["floor"]["num_samples"] == 20
     markdown = (report / "study.md").read_text()
     assert "| tiny_dit | dit `tiny` | 4 / 2 | v | 0 |" in markdown and "quality_vs_time.png" in markdown
-    assert (report / "gifs" / "tiny_dit.gif").is_file() and (report / "quality_vs_time.png").is_file()
+    assert (report / "quality_vs_time.png").is_file()
+    with Image.open(report / "gifs" / "tiny_dit.gif") as gif:  # one sample per digit, every denoising frame
+        assert gif.size == (28, 10 * 28) and gif.n_frames == 3
 
     # Run again: finished and evaluated, so nothing is trained or sampled again.
     before = (folder / "metrics.csv").read_text(), (folder / "evaluation.json").read_text()
     study.main(args)
     assert ((folder / "metrics.csv").read_text(), (folder / "evaluation.json").read_text()) == before
 
-    # Longer budget: resumes from checkpoint-4 instead of starting over, then evaluates the new last/.
-    recipe["train"]["max_steps"] = 6
-    (configs / "tiny_dit.yaml").write_text(yaml.safe_dump(recipe))
+    # As if killed after step 3 (checkpoint-4 never written, metrics.csv as checkpoint-2 saw it, no evaluation yet):
+    # resumed from checkpoint-2, trained to the end, evaluated.
+    shutil.rmtree(folder / "checkpoints" / "checkpoint-4")
+    shutil.copyfile(folder / "checkpoints" / "checkpoint-2" / "metrics.csv", folder / "metrics.csv")
+    (folder / "evaluation.json").unlink()
     study.main(args)
     steps = [line.split(",")[1] for line in (folder / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == ["2", "4", "6"]
+    assert steps == ["2", "4"]
     assert "Resumed from" in (folder.parent / "logs" / "tiny_dit.log").read_text()
-    assert json.loads((folder / "evaluation.json").read_text())["step"] == 6
+    assert json.loads((folder / "evaluation.json").read_text())["step"] == 4
+
+    # A run started with another budget is refused, not resumed into a different lr schedule, and kept.
+    recipe["train"]["max_steps"] = 6
+    (configs / "tiny_dit.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="holds a run of 4 steps, but configs/study/tiny_dit.yaml now asks for 6"):
+        study.main(args)
+    assert (folder / "last" / "model_index.json").is_file()
 
 
 def test_unknown_study_run_is_refused_before_anything_runs():

@@ -226,33 +226,37 @@ def test_killed_run_resumes_exactly_and_a_kill_while_saving_keeps_the_previous_c
 
 
 def test_evaluations_every_n_steps_end_metrics_rows_and_resume_exactly(tmp_path):
-    # 16 images, batch 4: 4 steps per epoch. Evaluations at steps 3 and 6 (inside epochs), at the end of epoch 0
-    # (step 4) and at the end (step 8); checkpoints at 3 and 6 follow the evaluation at the same step.
+    # 16 images, batch 4: 4 steps per epoch. Evaluations every 2 steps (step 4 is an epoch end: evaluated although
+    # eval.every_epochs is not due), checkpoints every 3 steps (inside a row at 3, after the row at 6).
     args = [
         *TINY,
         "--train.max_steps",
         "8",
         "--eval.every_steps",
-        "3",
+        "2",
+        "--eval.every_epochs",
+        "100",
         "--checkpoint.every_steps",
         "3",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_module.main([*args, "--output_dir", str(straight)])
     rows = list(csv.DictReader(open(straight / "metrics.csv")))
-    assert [(row["epoch"], row["step"]) for row in rows] == [("0", "3"), ("0", "4"), ("1", "6"), ("1", "8")]
+    assert [(row["epoch"], row["step"]) for row in rows] == [("0", "2"), ("0", "4"), ("1", "6"), ("1", "8")]
     assert all(row["val_loss"] and row["eval_time_s"] for row in rows)  # every row ends with an evaluation
     # Each row covers the steps since the previous one: images = steps x batch 4.
     images = [float(row["imgs_per_sec"]) * float(row["epoch_time_s"]) for row in rows]
-    assert images == pytest.approx([12, 4, 8, 8], rel=1e-3)
+    assert images == pytest.approx([8, 8, 8, 8], rel=1e-3)
     samples = sorted(path.name for path in (straight / "samples").glob("*.png"))
-    assert samples == ["epoch_0000.png", "epoch_0001.png", "step_0000003.png", "step_0000006.png"]
-    state = json.loads((straight / "checkpoints" / "checkpoint-3" / "training_state.json").read_text())
-    assert state["epoch_progress"]["epoch_steps"] == 0  # the row at step 3 was written before the checkpoint
-    saved_rows = list(csv.DictReader(open(straight / "checkpoints" / "checkpoint-3" / "metrics.csv")))
-    assert [row["step"] for row in saved_rows] == ["3"]
+    assert samples == ["epoch_0000.png", "epoch_0001.png", "step_0000002.png", "step_0000006.png"]
+    checkpoints = straight / "checkpoints"
+    state = json.loads((checkpoints / "checkpoint-3" / "training_state.json").read_text())
+    assert state["epoch_progress"]["epoch_steps"] == 1  # step 3, after the row that ended at step 2
+    assert [row["step"] for row in csv.DictReader(open(checkpoints / "checkpoint-3" / "metrics.csv"))] == ["2"]
+    state = json.loads((checkpoints / "checkpoint-6" / "training_state.json").read_text())
+    assert state["epoch_progress"]["epoch_steps"] == 0  # the row at step 6 was written before the checkpoint
 
-    # Killed while writing checkpoint-6, resumed from checkpoint-3: the same rows, the same losses.
+    # Killed while writing checkpoint-6, resumed from checkpoint-3: the same rows, the same losses, the same weights.
     killed = subprocess.run(
         [sys.executable, HOOKED_TRAIN, "--kill-during-checkpoint", "6", "--", *args, "--output_dir", str(resumed)],
         cwd=REPO,
@@ -266,10 +270,7 @@ def test_evaluations_every_n_steps_end_metrics_rows_and_resume_exactly(tmp_path)
     resumed_rows = list(csv.DictReader(open(resumed / "metrics.csv")))
     columns = ("epoch", "step", "loss", "lr", "val_loss")
     assert [[row[c] for c in columns] for row in resumed_rows] == [[row[c] for c in columns] for row in rows]
-    expected, actual = (
-        _weights(straight / "checkpoints" / "checkpoint-8"),
-        _weights(resumed / "checkpoints" / "checkpoint-8"),
-    )
+    expected, actual = _weights(checkpoints / "checkpoint-8"), _weights(resumed / "checkpoints" / "checkpoint-8")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 

@@ -237,7 +237,11 @@ def train(config: RunConfig, build_setup=build_training_setup, callbacks: list[T
                     break
 
             state.epoch_time_s += time.perf_counter() - started
-            evaluate_now = (epoch + 1) % config.eval.every_epochs == 0 or state.step >= total_steps
+            evaluate_now = (
+                (epoch + 1) % config.eval.every_epochs == 0
+                or state.step >= total_steps
+                or bool(eval_every and state.step % eval_every == 0)
+            )
             end_row(epoch, evaluate_now, sample_name=f"epoch_{epoch:04d}")
             if every and state.step % every == 0 and state.step < total_steps:
                 checkpoint()
