@@ -49,6 +49,10 @@ STUDY_RUNS = (
     "dit_gqa_kv2_seed1",
 )
 EVALUATION_FILE = "evaluation.json"
+# The report of the whole study is committed; a report of only some runs (a fresh clone that reran one) must not
+# overwrite it, so it goes beside the runs unless --output_dir says otherwise.
+REPORT_DIR = REPO / "benchmarks" / "results" / "study"
+PARTIAL_REPORT_DIR = REPO / "outputs" / "study" / "report"
 
 
 def run_config(name: str) -> dict:
@@ -147,7 +151,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples_per_class", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--report_only", action="store_true", help="write the report from the finished runs")
-    parser.add_argument("--output_dir", default=str(REPO / "benchmarks" / "results" / "study"))
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="report folder (default: benchmarks/results/study when every study run is finished, else "
+        "outputs/study/report)",
+    )
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.runs.split(",") if name.strip()]
     for name in names:
@@ -163,7 +172,15 @@ def main(argv=None) -> None:
 
     finished = [name for name in STUDY_RUNS if (output_folder(name) / EVALUATION_FILE).is_file()]
     if finished:
-        write_report(finished, Path(args.output_dir), args.num_samples_per_class)
+        output_dir = args.output_dir
+        if output_dir is None:
+            output_dir = REPORT_DIR if len(finished) == len(STUDY_RUNS) else PARTIAL_REPORT_DIR
+        if len(finished) < len(STUDY_RUNS):
+            print(
+                f"report of {len(finished)} of {len(STUDY_RUNS)} study runs (the others are not finished)", flush=True
+            )
+        write_report(finished, Path(output_dir), args.num_samples_per_class)
+        print(f"report in {output_dir}", flush=True)
     print(f"study done in {seconds(time.perf_counter() - started)}", flush=True)
 
 

@@ -106,6 +106,19 @@ def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeyp
     with Image.open(report / "gifs" / "tiny_dit.gif") as gif:  # one sample per digit, every denoising frame
         assert gif.size == (28, 10 * 28) and gif.n_frames == 3
 
+    # A report of only some study runs never replaces the whole study's report: by default it goes beside the runs.
+    other = {**recipe, "output_dir": str(tmp_path / "runs" / "never_trained")}
+    (configs / "never_trained.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.setattr(study, "STUDY_RUNS", ("tiny_dit", "never_trained"))
+    monkeypatch.setattr(study, "REPORT_DIR", tmp_path / "whole_study_report")
+    monkeypatch.setattr(study, "PARTIAL_REPORT_DIR", tmp_path / "partial_report")
+    study.main(["--report_only", "--num_samples_per_class", "2"])
+    assert not (tmp_path / "whole_study_report").exists()
+    assert [row["name"] for row in json.loads((tmp_path / "partial_report" / "study.json").read_text())["runs"]] == [
+        "tiny_dit"
+    ]
+    monkeypatch.setattr(study, "STUDY_RUNS", ("tiny_dit",))
+
     # Run again: finished and evaluated, so nothing is trained or sampled again.
     before = (folder / "metrics.csv").read_text(), (folder / "evaluation.json").read_text()
     study.main(args)
