@@ -25,7 +25,8 @@ SEED_PAIR = ("dit_gqa_kv2", "dit_gqa_kv2_seed1")
 GIF_SAMPLES_PER_DIGIT = 2
 
 
-def _floor(output_dir: Path, num_samples_per_class: int) -> dict:
+def real_train_floor(output_dir: Path, num_samples_per_class: int) -> dict:
+    """The real-train floor at this N, cached in `output_dir/real_train_floor.json`."""
     path = output_dir / "real_train_floor.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -79,7 +80,7 @@ def write_report(names: list, output_dir: Path, num_samples_per_class: int) -> d
         [*map(str, folders), "--output_dir", str(output_dir), "--num_inference_steps", "16", "--images_per_label", "4"]
     )
     training = {run["name"]: run for run in comparison["runs"]}
-    floor = _floor(output_dir, num_samples_per_class)
+    floor = real_train_floor(output_dir, num_samples_per_class)
 
     rows = []
     for name, folder in zip(names, folders):

@@ -117,6 +117,26 @@ def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeyp
     assert [row["name"] for row in json.loads((tmp_path / "partial_report" / "study.json").read_text())["runs"]] == [
         "tiny_dit"
     ]
+
+    # The guidance sweep: each scale scored with seed 0, the chosen one again with seed 1, cached, in a table.
+    sweep = ["--guidance_sweep", "tiny_dit", "--guidance_scales", "1,2", *args]
+    study.main(sweep)
+    summary = json.loads((report / "guidance_tiny_dit.json").read_text())
+    chosen = summary["chosen_guidance_scale"]
+    assert [(row["guidance_scale"], row["seed"]) for row in summary["rows"]] == [(1.0, 0), (2.0, 0), (chosen, 1)]
+    assert all(row["num_samples"] == 20 for row in summary["rows"])
+    [seed0] = [row for row in summary["rows"][:2] if row["guidance_scale"] == chosen]
+    assert summary["rows"][2]["fid_mnist"] != seed0["fid_mnist"]  # other samples, not the seed-0 score again
+    cached = sorted((folder / "guidance").iterdir())
+    assert [path.name for path in cached] == sorted(["g1_seed0.json", "g2_seed0.json", f"g{chosen:g}_seed1.json"])
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    study.main(sweep)
+    assert [path.stat().st_mtime_ns for path in cached] == stamps
+    assert "| guidance | sampling seed | FID-MNIST |" in (report / "guidance_tiny_dit.md").read_text()
+    with pytest.raises(ValueError, match="--guidance_scales must be scales >= 1"):
+        study.main(["--guidance_sweep", "tiny_dit", "--guidance_scales", "0.5,2", *args])
+    with pytest.raises(ValueError, match="never_trained/last does not exist; train the run first"):
+        study.main(["--guidance_sweep", "never_trained", *args])
     monkeypatch.setattr(study, "STUDY_RUNS", ("tiny_dit",))
 
     # Run again: finished and evaluated, so nothing is trained or sampled again.
