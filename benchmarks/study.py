@@ -4,6 +4,7 @@ SD3-style MMDiT, at the same CPU budget, on the shipped MNIST.
     python benchmarks/study.py                      # train every run (resuming), evaluate, write the report
     python benchmarks/study.py --runs dit_gqa_kv2   # one run (train + evaluate), then the report of all finished
     python benchmarks/study.py --report_only        # only the report, from the finished runs
+    python benchmarks/study.py --render_only        # study.md again from the report's study.json (no run folders)
     python benchmarks/study.py --guidance_sweep unet_mha --guidance_scales 1,1.5,1.75,2,3   # one run's guidance
 
 The runs are the recipes in `configs/study/` (their header says what they share). For each run, in order:
@@ -85,19 +86,37 @@ def trained_steps(folder: Path) -> int:
     return int(last[header.index("step")])
 
 
+def _flat_settings(config: dict, prefix: str = "") -> dict:
+    """{"optim.learning_rate": 0.001, ...}: every leaf setting of a recipe or of a run's saved config.yaml."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def train(name: str) -> None:
     """Train the run to its max_steps: fresh, resumed from its latest checkpoint, or not at all when finished."""
     config, folder = run_config(name), output_folder(name)
     target = int(config["train"]["max_steps"])
     if (folder / "config.yaml").is_file():
-        # The budget sets the lr schedule (cosine over max_steps): a run started with another budget can neither
-        # count as this one nor be resumed into it. Its outputs are the user's: moved away by hand, never deleted.
-        started_with = yaml.safe_load((folder / "config.yaml").read_text())["train"]["max_steps"]
-        if started_with != target:
-            raise ValueError(
-                f"{name}: {folder} holds a run of {started_with} steps, but configs/study/{name}.yaml now asks for "
-                f"{target}. Move that folder away (or restore the recipe's max_steps) and run the study again."
-            )
+        # The budget sets the lr schedule (cosine over max_steps), and every other setting shapes the run too: a run
+        # started with other settings can neither count as this one nor be resumed into it. Its outputs are the
+        # user's: moved away by hand, never deleted.
+        started_with = _flat_settings(yaml.safe_load((folder / "config.yaml").read_text()))
+        for key, value in _flat_settings(config).items():
+            if key != "output_dir" and started_with.get(key) != value:
+                what = (
+                    f"a run of {started_with.get(key)} steps"
+                    if key == "train.max_steps"
+                    else f"a run trained with {key} = {started_with.get(key)!r}"
+                )
+                raise ValueError(
+                    f"{name}: {folder} holds {what}, but configs/study/{name}.yaml now asks for {value!r}. Move "
+                    "that folder away (or restore the recipe) and run the study again."
+                )
     if trained_steps(folder) >= target and (folder / "last" / "model_index.json").is_file():
         print(f"{name}: trained ({target} steps); not training again", flush=True)
         return
@@ -240,6 +259,12 @@ def main(argv=None) -> None:
     parser.add_argument("--num_samples_per_class", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--report_only", action="store_true", help="write the report from the finished runs")
+    parser.add_argument(
+        "--render_only",
+        action="store_true",
+        help="write study.md again from the study.json and comparison.md in --output_dir (default "
+        "benchmarks/results/study), targets checked anew; needs no run folders",
+    )
     parser.add_argument("--guidance_sweep", default=None, help="a finished run to score at --guidance_scales")
     parser.add_argument("--guidance_scales", default="1,1.5,1.75,2,3", help="comma-separated guidance scales")
     parser.add_argument(
@@ -255,6 +280,11 @@ def main(argv=None) -> None:
     if args.num_samples_per_class < 1:
         raise ValueError("--num_samples_per_class must be at least 1.")
     started = time.perf_counter()
+    if args.render_only:
+        from study_report import render_report
+
+        render_report(Path(args.output_dir) if args.output_dir else REPORT_DIR)
+        return
     if args.guidance_sweep is not None:
         run_config(args.guidance_sweep)
         scales = [float(scale) for scale in args.guidance_scales.split(",") if scale.strip()]

@@ -5,6 +5,10 @@
 of training numbers, the attention table, quality vs training-time curves, samples side by side), scores the real
 MNIST train images at the same sample count (the floor), checks the issue's quality targets, and writes
 `study.md`, `study.json`, the compare outputs and one denoising GIF per run (`gifs/`) into `output_dir`.
+
+`render_report(output_dir)` writes `study.md` again from the `study.json` and `comparison.md` already there
+(`python benchmarks/study.py --render_only`): a change of the report's wording or of how targets are checked reaches
+the committed report without the hours of training behind it.
 """
 
 import json
@@ -59,12 +63,18 @@ def _objective(config: dict) -> str:
 
 
 def targets(rows: list, floor: dict) -> list:
-    """The issue's quality targets, each as (what, value, met)."""
-    best = min(rows, key=lambda row: row["fid_mnist"])
+    """The issue's quality targets, each as (what, value, met).
+
+    The best run is the one with the lowest FID-MNIST among those that draw the asked-for digit (GAN-test >= 0.99),
+    the rule the guidance sweep chooses by: a lower FID from a run that draws a wrong digit in 1 of 30 samples is not
+    the better class-conditional recipe. When no run reaches 0.99, the best is the lowest FID-MNIST of all."""
+    reaching = [row for row in rows if row["gan_test_acc"] >= BEST_GAN_TEST]
+    best = min(reaching or rows, key=lambda row: row["fid_mnist"])
+    rule = f"lowest FID-MNIST with GAN-test >= {BEST_GAN_TEST}" if reaching else "lowest FID-MNIST; none reaches"
     fid_ratio = best["fid_mnist"] / floor["fid_mnist"]
     worst = min(rows, key=lambda row: row["gan_test_acc"])
     return [
-        (f"best run ({best['name']}, lowest FID-MNIST): GAN-test >= {BEST_GAN_TEST}", best["gan_test_acc"],
+        (f"best run ({best['name']}, {rule}): GAN-test >= {BEST_GAN_TEST}", best["gan_test_acc"],
          best["gan_test_acc"] >= BEST_GAN_TEST),
         (f"best run ({best['name']}): FID-MNIST <= {BEST_FID_OVER_FLOOR:g}x the floor", fid_ratio,
          fid_ratio <= BEST_FID_OVER_FLOOR),
@@ -110,10 +120,35 @@ def write_report(names: list, output_dir: Path, num_samples_per_class: int) -> d
             latest = max(gifs, key=lambda path: path.stat().st_mtime)
             crop_gif(latest, output_dir / "gifs" / f"{name}.gif", int(config["eval"]["images_per_class"]))
 
+    summary = {
+        "runs": rows,
+        "floor": floor,
+        "num_samples_per_class": num_samples_per_class,
+        "environment": environment_line(),
+    }
+    write_text_atomically(output_dir / "study.json", json.dumps(summary, indent=2) + "\n")
+    return render_report(output_dir)
+
+
+def render_report(output_dir: Path) -> dict:
+    """Write `study.md` from `study.json` and `comparison.md` in `output_dir` (the targets checked anew); returns
+    the summary with its targets, which `study.json` then holds too."""
+    summary_path = output_dir / "study.json"
+    keys = ("runs", "floor", "num_samples_per_class", "environment")
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    missing = ["study.json"] if summary is None else [f"study.json's {key!r}" for key in keys if key not in summary]
+    if not (output_dir / "comparison.md").is_file():
+        missing.append("comparison.md")
+    if missing:
+        raise ValueError(
+            f"{output_dir} holds no complete study report to render again (missing: {', '.join(missing)}); "
+            "write one with `python benchmarks/study.py`."
+        )
+    rows, floor, num_samples_per_class = summary["runs"], summary["floor"], summary["num_samples_per_class"]
     lines = [
         "# The study: DiT with grouped-query attention vs UNet with multi-head attention vs MMDiT",
         "",
-        f"`python benchmarks/study.py` on {environment_line()}: the recipes in `configs/study/` (shipped MNIST, "
+        f"`python benchmarks/study.py` on {summary['environment']}: the recipes in `configs/study/` (shipped MNIST, "
         "batch 64, max_steps set to 15 minutes of training at the architecture's step time measured in its first "
         "study run; the training minutes below are what each run took), "
         f"each run's `last/` pipeline scored with {floor['num_samples']:,} samples ({num_samples_per_class} per "
@@ -138,6 +173,14 @@ def write_report(names: list, output_dir: Path, num_samples_per_class: int) -> d
     checks = targets(rows, floor)
     lines += ["", "Targets (issue 19):", ""]
     lines += [f"- {what}: {value:.3f}, {'met' if met else 'missed'}" for what, value, met in checks]
+    lowest = min(rows, key=lambda row: row["fid_mnist"])
+    if lowest["gan_test_acc"] < BEST_GAN_TEST:
+        lines += [
+            "",
+            f"Lowest FID-MNIST of all: {lowest['name']} ({lowest['fid_mnist']:.2f}, "
+            f"{lowest['fid_mnist'] / floor['fid_mnist']:.2f}x the floor) with GAN-test {lowest['gan_test_acc']:.3f}, "
+            f"below {BEST_GAN_TEST}.",
+        ]
     by_name = {row["name"]: row for row in rows}
     if all(name in by_name for name in SEED_PAIR):
         a, b = (by_name[name] for name in SEED_PAIR)
@@ -159,7 +202,7 @@ def write_report(names: list, output_dir: Path, num_samples_per_class: int) -> d
         "",
     ]
     write_text_atomically(output_dir / "study.md", "\n".join(lines))
-    summary = {"runs": rows, "floor": floor, "targets": [list(check) for check in checks]}
+    summary["targets"] = [list(check) for check in checks]
     write_text_atomically(output_dir / "study.json", json.dumps(summary, indent=2) + "\n")
     print(f"wrote {output_dir / 'study.md'}")
     return summary

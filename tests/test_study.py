@@ -18,13 +18,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import study  # noqa: E402
 import study_report  # noqa: E402
 
-# What a study run may change against the others: the model, the objective (and its sampler), the learning rate,
-# the seed, and the steps that make the same CPU budget (with the evaluation / checkpoint spacing that follows).
+# What a study run may change against the others: the model, the objective (and its sampler), the seed, and the
+# steps that make the same CPU budget (with the evaluation / checkpoint spacing that follows). The learning rate is
+# shared: 1e-3 for every run.
 VARIED = {
     "output_dir",
     "model",
     "objective",
-    "optim.learning_rate",
     "train.max_steps",
     "train.seed",
     "eval.every_steps",
@@ -74,6 +74,14 @@ def test_targets_name_the_best_run_and_the_worst():
     checks = study_report.targets(rows, {"fid_mnist": 12.0})
     assert [met for _, _, met in checks] == [True, True, False]
     assert "best run (a" in checks[0][0] and checks[1][1] == 2.5 and "lowest: b" in checks[2][0]
+    # The best run draws the asked-for digit: a lower FID from a run below GAN-test 0.99 does not make it the best.
+    rows.append({"name": "c", "fid_mnist": 20.0, "gan_test_acc": 0.971})
+    checks = study_report.targets(rows, {"fid_mnist": 12.0})
+    assert "best run (a, lowest FID-MNIST with GAN-test >= 0.99)" in checks[0][0] and checks[1][1] == 2.5
+    # When no run reaches 0.99, the lowest FID of all is the best, and its GAN-test target is missed.
+    checks = study_report.targets(rows[1:], {"fid_mnist": 12.0})
+    assert "best run (c, lowest FID-MNIST; none reaches)" in checks[0][0]
+    assert [met for _, _, met in checks] == [False, True, False]
 
 
 def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeypatch):
@@ -105,6 +113,15 @@ def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeyp
     assert (report / "quality_vs_time.png").is_file()
     with Image.open(report / "gifs" / "tiny_dit.gif") as gif:  # one sample per digit, every denoising frame
         assert gif.size == (28, 10 * 28) and gif.n_frames == 3
+    # --render_only writes the same study.md again from study.json alone, the run folder aside (as in a clone).
+    written = markdown, (report / "study.json").read_text()
+    (report / "study.md").unlink()
+    folder.rename(tmp_path / "moved")
+    study.main(["--render_only", "--output_dir", str(report)])
+    assert ((report / "study.md").read_text(), (report / "study.json").read_text()) == written
+    (tmp_path / "moved").rename(folder)
+    with pytest.raises(ValueError, match="holds no complete study report to render again .missing: study.json"):
+        study.main(["--render_only", "--output_dir", str(tmp_path / "empty")])
 
     # A report of only some study runs never replaces the whole study's report: by default it goes beside the runs.
     other = {**recipe, "output_dir": str(tmp_path / "runs" / "never_trained")}
@@ -159,6 +176,13 @@ def test_study_trains_resumes_evaluates_and_reports_a_tiny_run(tmp_path, monkeyp
     recipe["train"]["max_steps"] = 6
     (configs / "tiny_dit.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="holds a run of 4 steps, but configs/study/tiny_dit.yaml now asks for 6"):
+        study.main(args)
+    assert (folder / "last" / "model_index.json").is_file()
+    # So is one started with another learning rate (or any other setting the recipe states).
+    recipe["train"]["max_steps"] = 4
+    recipe["optim"]["learning_rate"] = 0.002
+    (configs / "tiny_dit.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="holds a run trained with optim.learning_rate = 0.001, but .* asks for 0.002"):
         study.main(args)
     assert (folder / "last" / "model_index.json").is_file()
 
