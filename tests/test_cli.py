@@ -243,6 +243,42 @@ def test_quality_vs_steps_fits_each_sampler_to_the_budget_and_refuses_the_other_
     assert "Traceback" not in refused.stderr
 
 
+def test_ddim_diagnosis_denoises_real_images_from_each_start(pipeline_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    # The diagnosis noises real MNIST digits: a tiny random 28 px UNet (the module's pipeline makes 8 px images).
+    unet = ScratchUNetModel.from_preset("tiny", sample_size=28, in_channels=1, num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    folder = tmp_path / "tiny_unet_28"
+    ClassConditionalUNetPipeline(unet=unet, scheduler=ScratchDDIMScheduler()).save_pretrained(folder)
+
+    def diagnosis(pipeline, *arguments):
+        command = [sys.executable, "benchmarks/ddim_diagnosis.py", str(pipeline), "--num_images", "8"]
+        command += ["--samples_per_class", "1", "--steps", "4", "--switches", "1000", *arguments]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    done = diagnosis(folder, "--starts", "0,1000", "--num_start_images", "20", "--output", str(tmp_path / "d.md"))
+    assert done.returncode == 0, done.stderr
+    table = (tmp_path / "d.md").read_text().split("| start t | source digit kept | RMSE to source |")[1]
+    rows = {int(start): (float(kept), float(rmse)) for start, kept, rmse in
+            (line.strip("| ").split(" | ") for line in table.strip().splitlines()[1:])}  # fmt: skip
+    assert sorted(rows) == [0, 1000]
+    # From t = 0 one step barely changes a test image whatever the model, so the classifier still reads its own
+    # label (it reads real test digits right 99% of the time): the images, their labels and the noising line up.
+    assert rows[0][0] >= 0.9 and rows[0][1] < 0.05
+    # From t = 1000 the untrained model draws no digit: far from the source.
+    assert rows[1000][1] > 10 * rows[0][1]
+    # A model of another size would see cropped digits: refused in one line.
+    refused = diagnosis(pipeline_dir)
+    assert refused.returncode == 2 and "needs a grey pixel model of 28 or 32 px" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    refused = diagnosis(folder, "--starts", "200,-1")
+    assert refused.returncode == 2 and "--starts must be timesteps from 0 to 1000; got '200,-1'" in refused.stderr
+
+
 def test_command_line_errors_are_one_line_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_XDIST_WORKER", None)
