@@ -1,5 +1,6 @@
 """The command-line arguments of tiny training runs, shared by the tests that train (seconds per run on CPU)."""
 
+import socket
 import sys
 
 # 16 MNIST images (4 more for validation), the `tiny` preset, no tracker, cheap evaluations, no checkpoints.
@@ -22,9 +23,19 @@ def tiny_run_args(**settings) -> list[str]:
     return [item for key, value in merged.items() for item in (f"--{key}", str(value))]
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def two_process_launch(*strategy: str) -> list[str]:
     """The command prefix that runs a script as two CPU processes under `accelerate launch` (gloo on a machine
-    without GPUs), fp32, no compile; `strategy` picks DDP (`--multi_gpu`) or FSDP (`--use_fsdp ...`)."""
+    without GPUs), fp32, no compile; `strategy` picks DDP (`--multi_gpu`) or FSDP (`--use_fsdp ...`).
+
+    Each launch gets its own rendezvous port: with the default (29500) two launches running at once in the two
+    pytest-xdist workers collide, and one fails with EADDRINUSE or, worse, its processes join the other's group."""
     return [
         sys.executable,
         "-m",
@@ -34,6 +45,8 @@ def two_process_launch(*strategy: str) -> list[str]:
         "2",
         "--num_machines",
         "1",
+        "--main_process_port",
+        str(free_port()),
         "--mixed_precision",
         "no",
         "--dynamo_backend",
