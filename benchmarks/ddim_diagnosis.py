@@ -130,11 +130,12 @@ def main(argv=None):
     pipeline = load_pipeline(args.pipeline, "cpu")
     denoiser = pipeline.denoiser.eval()
     size = denoiser.config.sample_size
-    if getattr(pipeline, "vae", None) is not None or denoiser.config.in_channels != 1 or size not in (28, 32):
+    latent = getattr(pipeline, "vae", None) is not None
+    if latent or denoiser.config.in_channels != 1 or size not in (28, 32):
         raise ValueError(
             f"{args.pipeline}: the diagnosis noises real MNIST digits, so it needs a grey pixel model of 28 or 32 px "
             f"(the shipped digits, padded for 32); this one takes {denoiser.config.in_channels}-channel {size} px "
-            f"{'latents' if getattr(pipeline, 'vae', None) is not None else 'images'}."
+            f"{'latents' if latent else 'images'}."
         )
     if "prediction_type" not in pipeline.scheduler.config:
         raise ValueError(

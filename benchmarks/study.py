@@ -42,6 +42,7 @@ from atomic_files import write_text_atomically  # noqa: E402
 from commands.common import environment_line, load_pipeline, seconds  # noqa: E402
 from evaluation.metrics import evaluate_pipeline  # noqa: E402
 from training.checkpointing import latest_checkpoint  # noqa: E402
+from training.run_folder import flatten_settings  # noqa: E402
 
 STUDY_DIR = REPO / "configs" / "study"
 # The order runs are trained in: the question first (DiT-GQA vs UNet-MHA vs MMDiT), then the GQA ablation, the
@@ -86,17 +87,6 @@ def trained_steps(folder: Path) -> int:
     return int(last[header.index("step")])
 
 
-def _flat_settings(config: dict, prefix: str = "") -> dict:
-    """{"optim.learning_rate": 0.001, ...}: every leaf setting of a recipe or of a run's saved config.yaml."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def train(name: str) -> None:
     """Train the run to its max_steps: fresh, resumed from its latest checkpoint, or not at all when finished."""
     config, folder = run_config(name), output_folder(name)
@@ -105,8 +95,8 @@ def train(name: str) -> None:
         # The budget sets the lr schedule (cosine over max_steps), and every other setting shapes the run too: a run
         # started with other settings can neither count as this one nor be resumed into it. Its outputs are the
         # user's: moved away by hand, never deleted.
-        started_with = _flat_settings(yaml.safe_load((folder / "config.yaml").read_text()))
-        for key, value in _flat_settings(config).items():
+        started_with = flatten_settings(yaml.safe_load((folder / "config.yaml").read_text()))
+        for key, value in flatten_settings(config).items():
             if key != "output_dir" and started_with.get(key) != value:
                 what = (
                     f"a run of {started_with.get(key)} steps"

@@ -27,13 +27,17 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A saved tiny class-conditional UNet pipeline (8x8 grey samples, 10 classes, DDIM)."""
-    unet = ScratchUNetModel.from_preset("tiny", sample_size=8, in_channels=1, num_classes=10)
+    return save_random_tiny_unet_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny_unet", sample_size=8)
+
+
+def save_random_tiny_unet_pipeline(folder: Path, sample_size: int) -> Path:
+    """A tiny class-conditional UNet pipeline (grey samples, 10 classes, DDIM) with seeded random weights, saved."""
+    unet = ScratchUNetModel.from_preset("tiny", sample_size=sample_size, in_channels=1, num_classes=10)
     # Seeded random weights everywhere: the zero-initialised output layer would make every sample the same.
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in unet.parameters():
             parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    folder = tmp_path_factory.mktemp("pipelines") / "tiny_unet"
     ClassConditionalUNetPipeline(unet=unet, scheduler=ScratchDDIMScheduler()).save_pretrained(folder)
     return folder
 
@@ -247,13 +251,7 @@ def test_ddim_diagnosis_denoises_real_images_from_each_start(pipeline_dir, tmp_p
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_XDIST_WORKER", None)
     # The diagnosis noises real MNIST digits: a tiny random 28 px UNet (the module's pipeline makes 8 px images).
-    unet = ScratchUNetModel.from_preset("tiny", sample_size=28, in_channels=1, num_classes=10)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    folder = tmp_path / "tiny_unet_28"
-    ClassConditionalUNetPipeline(unet=unet, scheduler=ScratchDDIMScheduler()).save_pretrained(folder)
+    folder = save_random_tiny_unet_pipeline(tmp_path / "tiny_unet_28", sample_size=28)
 
     def diagnosis(pipeline, *arguments):
         command = [sys.executable, "benchmarks/ddim_diagnosis.py", str(pipeline), "--num_images", "8"]

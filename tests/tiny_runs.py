@@ -1,7 +1,8 @@
 """The command-line arguments of tiny training runs, shared by the tests that train (seconds per run on CPU)."""
 
-import socket
 import sys
+
+from demo_browser import free_port
 
 # 16 MNIST images (4 more for validation), the `tiny` preset, no tracker, cheap evaluations, no checkpoints.
 TINY_RUN_SETTINGS = {
@@ -21,13 +22,6 @@ def tiny_run_args(**settings) -> list[str]:
     """`--key value` arguments of a tiny run; `settings` (dotted keys, e.g. `**{"train.batch_size": 8}`) override."""
     merged = {**TINY_RUN_SETTINGS, **settings}
     return [item for key, value in merged.items() for item in (f"--{key}", str(value))]
-
-
-def free_port() -> int:
-    """A TCP port no process listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def two_process_launch(*strategy: str) -> list[str]:

@@ -68,11 +68,12 @@ def check_fresh_output_dir(output_dir: Path, *, overwrite: bool, restart_of_same
     return outputs
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
+def flatten_settings(data: dict, prefix: str = "") -> dict:
+    """{"optim.learning_rate": 0.001, ...}: every leaf setting of a (saved or recipe) config."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
@@ -80,7 +81,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """`key: saved -> current` for every setting outside `RESUMABLE_CHANGES` that differs."""
-    saved, current = _flatten(upgrade_saved_config(saved)), _flatten(current)
+    saved, current = flatten_settings(upgrade_saved_config(saved)), flatten_settings(current)
     changes = []
     for key in sorted(set(saved) | set(current)):
         if key.startswith(RESUMABLE_CHANGES) or saved.get(key) == current.get(key):
