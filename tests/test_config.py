@@ -177,6 +177,28 @@ def test_bad_values_are_refused_with_a_clear_message(argv, message):
         load_config(argv)
 
 
+def test_ddpm_settings_in_a_flow_run_are_named_in_a_warning_and_plain_flow_recipes_stay_silent(recwarn):
+    # The README's quickstart_flow: a v-prediction recipe without clipping turned into rectified flow.
+    with pytest.warns(UserWarning) as caught:
+        config = load_config(
+            ["--config", "configs/quickstart.yaml", "--objective.name", "flow_matching"]
+            + ["--eval.sampler", "flow_match_euler"]
+        )
+    assert config.objective.name == "flow_matching"
+    message = str(caught[0].message)
+    assert (
+        "objective.prediction_type='v_prediction', objective.clip_sample=False: DDPM-family settings, ignored"
+        in message
+    )
+    with pytest.warns(UserWarning, match=r"^objective.beta_schedule='squaredcos_cap_v2': DDPM-family"):
+        load_config(["--objective.name", "flow_matching", "--objective.beta_schedule", "squaredcos_cap_v2"])
+    recwarn.clear()
+    for recipe in ["mnist_mmdit_flow", "study/mmdit_flow", "study/dit_gqa_kv2_flow"]:
+        assert load_config(["--config", f"configs/{recipe}.yaml"]).objective.name == "flow_matching"
+    load_config(["--config", "configs/quickstart.yaml", "--objective.prediction_type", "epsilon"])
+    assert not [w for w in recwarn if "DDPM-family" in str(w.message)]
+
+
 def test_recipe_with_unknown_section_key_is_refused(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("train:\n  batch_size: 8\n  epochs: 3\n")

@@ -3,12 +3,14 @@ sampler and objective pairing, the schedule, trackers, metrics that fit the data
 `training/config.py` on every loaded config, before any training starts.
 """
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
+import warnings
 from pathlib import Path
 
-from .config_schema import SAMPLER_FAMILIES, Config, ConfigError, sampler_family
+from .config_schema import SAMPLER_FAMILIES, Config, ConfigError, ObjectiveConfig, sampler_family
 
 # --------------------------------------------------------------------------------------------------
 # Checks across keys (those a single field cannot see)
@@ -22,6 +24,9 @@ MODEL_CLASSES = {
 DATA_DERIVED_MODEL_KEYS = ("sample_size", "in_channels", "num_classes")
 # The data sets the MNIST-classifier metrics fit: the shipped copy and the Hub's.
 MNIST_DATASETS = ("mnist", "ylecun/mnist")
+# Objective keys that only the DDPM family reads: rectified flow has no beta schedule, always predicts the
+# velocity and never clips its samples.
+DDPM_ONLY_OBJECTIVE_KEYS = ("prediction_type", "beta_schedule", "beta_start", "beta_end", "clip_sample")
 
 
 def model_class(architecture: str):
@@ -117,6 +122,25 @@ def check_text_settings(config: Config) -> None:
         raise ConfigError(f"model.text_encoder minilm: {error}") from None
 
 
+def warn_ignored_ddpm_keys(config: Config) -> None:
+    """Warn when a flow-matching run sets DDPM-family objective keys: a warning, not an error, so that a DDPM recipe
+    turned into a flow one with `--objective.name flow_matching` still runs (the README's quickstart_flow does)."""
+    if config.objective.name != "flow_matching":
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(ObjectiveConfig)}
+    ignored = [
+        f"objective.{key}={getattr(config.objective, key)!r}"
+        for key in DDPM_ONLY_OBJECTIVE_KEYS
+        if getattr(config.objective, key) != defaults[key]
+    ]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: DDPM-family settings, ignored by objective.name flow_matching (rectified flow "
+            "predicts the velocity, has no beta schedule and never clips); remove them from the flow recipe.",
+            stacklevel=2,
+        )
+
+
 def check_config(config: Config) -> None:
     """Refuse combinations that would fail (or silently mislead) only after training started."""
     check_text_settings(config)
@@ -139,6 +163,7 @@ def check_config(config: Config) -> None:
     check_sampler_fits(config.eval.sampler, config.objective.name)
     if config.objective.name == "flow_matching" and config.objective.snr_gamma is not None:
         raise ConfigError("objective.snr_gamma (min-SNR weighting) applies to the DDPM family only; set it to null.")
+    warn_ignored_ddpm_keys(config)
     if config.objective.beta_start >= config.objective.beta_end:
         raise ConfigError(
             f"objective.beta_start ({config.objective.beta_start}) must be below objective.beta_end ({config.objective.beta_end})."
