@@ -131,3 +131,15 @@ def encode_prompts(
     mask = tokens["attention_mask"].to(states.dtype)
     pooled = (states * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return states, tokens["attention_mask"].bool(), pooled
+
+
+def drop_shared_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`states[:, :n]`, `mask[:, :n]`: the token positions after the last real token of any prompt in the batch cut.
+
+    Attention masks padding out, and no denoiser here gives context tokens a position of their own, so what the
+    denoiser computes for the image is the same; its cost follows the batch's longest prompt instead of the fixed
+    `max_length` (captions take about a third of MiniLM's 32 positions).
+    """
+    used = mask.bool().any(dim=0).nonzero()
+    keep = int(used.max()) + 1 if used.numel() else 1
+    return states[:, :keep], mask[:, :keep]

@@ -24,7 +24,7 @@ from custom_models.unet import ScratchUNetModel
 
 from .class_conditional import DenoisingPipeline
 from .lora import TransformerLoraLoaderMixin, UNetLoraLoaderMixin
-from .text_encoder import DEFAULT_MAX_LENGTH, encode_prompts
+from .text_encoder import DEFAULT_MAX_LENGTH, drop_shared_padding, encode_prompts
 
 DEFAULT_MAX_SEQUENCE_LENGTH = DEFAULT_MAX_LENGTH
 
@@ -127,7 +127,8 @@ class TextToImagePipeline(DenoisingPipeline):
         return PromptEncoding(embeds.to(device), mask.to(device), pooled.to(device))
 
     def _denoiser_kwargs(self, encoding: PromptEncoding) -> dict:
-        kwargs = {"encoder_hidden_states": encoding.embeds, "encoder_attention_mask": encoding.attention_mask}
+        embeds, mask = drop_shared_padding(encoding.embeds, encoding.attention_mask)
+        kwargs = {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
         if self._uses_pooled:
             kwargs["pooled_projections"] = encoding.pooled
         return kwargs

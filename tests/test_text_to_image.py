@@ -118,6 +118,34 @@ def test_prompts_guidance_and_precomputed_embeddings(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["unet", "unet_pooled", "mmdit"])
+def test_padding_after_the_longest_prompt_is_cut_without_changing_the_denoiser_output(kind, tmp_path):
+    pipe = build(kind, tmp_path)
+    encoding = pipe.encode_prompt(["a bold 7", "the digit three , written thin", ""])
+    assert encoding.embeds.shape[1] == text.DEFAULT_MAX_LENGTH  # what the encoder returns: padded to max_length
+    embeds, mask = text.drop_shared_padding(encoding.embeds, encoding.attention_mask)
+    assert embeds.shape[1] == mask.shape[1] == 8  # [CLS] the digit three , written thin [SEP]
+    assert mask[1].all() and not mask[0, 5:].any() and mask[2].sum() == 2
+    torch.testing.assert_close(embeds, encoding.embeds[:, :8], rtol=0, atol=0)
+    sample = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    extra = {"pooled_projections": encoding.pooled} if pipe._uses_pooled else {}
+    with torch.no_grad():
+        padded = pipe.denoiser(
+            sample, 500, encoder_hidden_states=encoding.embeds, encoder_attention_mask=encoding.attention_mask, **extra
+        ).sample
+        cut = pipe.denoiser(sample, 500, encoder_hidden_states=embeds, encoder_attention_mask=mask, **extra).sample
+    torch.testing.assert_close(cut, padded, rtol=1e-5, atol=1e-6)
+    # The pipeline hands the denoiser the cut tokens: the guided batch's longest prompt, not max_length.
+    seen = []
+    forward = pipe.denoiser.forward
+    pipe.denoiser.forward = lambda *a, **k: seen.append(k["encoder_hidden_states"].shape[1]) or forward(*a, **k)
+    run(pipe, prompt=["a bold 7", "a thin 1"], guidance_scale=3.0)
+    assert set(seen) == {5}
+    # Nothing but padding: one position is kept, so shapes stay valid.
+    none = text.drop_shared_padding(torch.zeros(2, 4, 3), torch.zeros(2, 4, dtype=torch.bool))
+    assert none[0].shape == (2, 1, 3) and none[1].shape == (2, 1)
+
+
+@pytest.mark.parametrize("kind", ["unet", "unet_pooled", "mmdit"])
 def test_save_and_load_in_a_fresh_process_gives_identical_images(kind, tmp_path):
     pipe = build(kind, tmp_path)
     folder = tmp_path / "saved"

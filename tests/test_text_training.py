@@ -47,15 +47,19 @@ def test_captions_are_encoded_once_and_dropped_to_the_empty_prompt_from_the_step
     batch = {"caption": ["a bold 7", "a thin 1", "a bold 7", "the digit 3"]}
     inputs = conditioning(batch, "cpu")
     assert set(inputs) == {"encoder_hidden_states", "encoder_attention_mask", "pooled_projections"}
-    assert inputs["encoder_hidden_states"].shape == (4, text.DEFAULT_MAX_LENGTH, 384)
+    # Padding after the batch's longest caption is cut (attention masks it anyway): 5 tokens with [CLS] and [SEP].
+    longest = max(len(ids) for ids in tokenizer(batch["caption"])["input_ids"])
+    assert longest == 5
+    assert inputs["encoder_hidden_states"].shape == (4, longest, 384)
+    assert inputs["encoder_attention_mask"].shape == (4, longest) and inputs["encoder_attention_mask"][:, -1].any()
     torch.testing.assert_close(inputs["encoder_hidden_states"][0], inputs["encoder_hidden_states"][2])
     conditioning(batch, "cpu")
     assert calls == [["a bold 7", "a thin 1", "the digit 3"]]  # unique captions, once
     first = conditioning(batch, "cpu", torch.Generator().manual_seed(0))
     again = conditioning(batch, "cpu", torch.Generator().manual_seed(0))
     torch.testing.assert_close(first["encoder_hidden_states"], again["encoder_hidden_states"])
-    empty = conditioning({"caption": [""]}, "cpu")["encoder_hidden_states"][0]
-    dropped = [torch.equal(row, empty) for row in first["encoder_hidden_states"]]
+    empty = conditioning({"caption": [""]}, "cpu")["pooled_projections"][0]
+    dropped = [torch.equal(row, empty) for row in first["pooled_projections"]]
     assert 0 < sum(dropped) < 4  # seed 0 drops some of four at p = 0.5
 
 

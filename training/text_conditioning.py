@@ -7,7 +7,7 @@ the step's generator, so a resumed run drops the same captions.
 
 import torch
 
-from pipelines.text_encoder import DEFAULT_MAX_LENGTH, encode_prompts
+from pipelines.text_encoder import DEFAULT_MAX_LENGTH, drop_shared_padding, encode_prompts
 
 
 class TextConditioning:
@@ -29,6 +29,7 @@ class TextConditioning:
             for index, text in enumerate(chunk):
                 self.cache[text] = (states[index].cpu(), mask[index].cpu(), pooled[index].cpu())
         states, mask, pooled = (torch.stack([self.cache[c][part] for c in captions]).to(device) for part in range(3))
+        states, mask = drop_shared_padding(states, mask)
         inputs = {"encoder_hidden_states": states, "encoder_attention_mask": mask}
         if self.uses_pooled:
             inputs["pooled_projections"] = pooled
