@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,21 +26,10 @@ sys.path.insert(0, str(REPO))
 from atomic_files import write_text_atomically  # noqa: E402
 from commands import compare  # noqa: E402
 from commands.common import environment_line, load_pipeline, seconds  # noqa: E402
-from evaluation.metrics import evaluate_images, evaluate_pipeline, uint8_to_classifier_input  # noqa: E402
+from evaluation.metrics import evaluate_pipeline, real_data_floor  # noqa: E402
 from evaluation.mnist_classifier import MNIST_CLASSIFIER_SHA256  # noqa: E402
-from image_data import load_mnist_arrays  # noqa: E402
 
 RESULTS_START, RESULTS_END = "<!-- RESULTS -->", "<!-- /RESULTS -->"
-
-
-def real_data_floor(num_samples_per_class: int) -> dict:
-    """Metrics of real train images (the first `num_samples_per_class` of each digit) scored like samples."""
-    images, labels = load_mnist_arrays("train")
-    labels = torch.from_numpy(labels)
-    keep = torch.cat([torch.nonzero(labels == digit).flatten()[:num_samples_per_class] for digit in range(10)])
-    return evaluate_images(
-        (uint8_to_classifier_input(images[keep.numpy()]) + 1) / 2, labels[keep], value_range=(0.0, 1.0)
-    )
 
 
 def _value(value, digits):

@@ -14,13 +14,13 @@ the committed report without the hours of training behind it.
 import json
 from pathlib import Path
 
-from evaluate_runs import real_data_floor
 from PIL import Image, ImageSequence
 from study import EVALUATION_FILE, output_folder, run_config
 
 from atomic_files import write_text_atomically
 from commands import compare
 from commands.common import environment_line
+from evaluation.metrics import real_data_floor
 
 # Issue 19's targets (1,000 samples, the shipped classifier; floor = real train images at the same N).
 BEST_GAN_TEST, BEST_FID_OVER_FLOOR, EVERY_GAN_TEST = 0.99, 3.0, 0.95

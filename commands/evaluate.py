@@ -5,8 +5,9 @@
 
 Writes `evaluation.json`, `evaluation.md` and `samples.png` (the first samples of each class) into `--output_dir`.
 A text-to-image pipeline gets prompt adherence instead (digit and attribute accuracy, training and held-out
-phrasings; `--num_samples_per_class` images per prompt); `--reference_data` scores any pipeline with Inception FID
-/ KID against that data's own images.
+phrasings; `--num_samples_per_class` images per prompt) and, with `--caption_fid_per_digit N`, FID-MNIST and the
+other sample metrics of one image per caption of the first N test images of each digit, beside the real-data floor;
+`--reference_data` scores any pipeline with Inception FID / KID against that data's own images.
 `--inception` adds Inception FID when the optional extra is installed (`pip install "scratch-diffusion[inception]"`)
 and says it was skipped otherwise. The training loop computes the same metrics with the same function
 (`evaluation.evaluate_pipeline`).
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         "needs the inception extra) instead of the MNIST-classifier metrics: for any data, conditional or not",
     )
     parser.add_argument("--reference_split", default="train", help="split of --reference_data (default: train)")
+    parser.add_argument(
+        "--caption_fid_per_digit",
+        type=int,
+        default=0,
+        help="text pipelines: also FID-MNIST, GAN-test, ... of one image per caption of the first N test images of "
+        "each digit (>= 2), beside real train images at the same count; 0 skips it",
+    )
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     return parser
 
@@ -164,6 +172,8 @@ def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.inception_reference_samples is not None and args.inception_reference_samples < 2:
         raise ValueError(f"--inception_reference_samples must be at least 2, got {args.inception_reference_samples}.")
+    if args.caption_fid_per_digit == 1 or args.caption_fid_per_digit < 0:
+        raise ValueError(f"--caption_fid_per_digit must be 0 (skip) or >= 2, got {args.caption_fid_per_digit}.")
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file.")
@@ -175,6 +185,11 @@ def main(argv: list | None = None) -> dict:
         return evaluate_against_data(pipeline, args, output_dir, started)
     if hasattr(pipeline, "encode_prompt"):
         return evaluate_prompt_adherence(pipeline, args, output_dir, started)
+    if args.caption_fid_per_digit:
+        raise ValueError(
+            f"--caption_fid_per_digit prompts with captions; {type(pipeline).__name__} takes class labels, and its "
+            "FID-MNIST is computed without it (--num_samples_per_class per class)."
+        )
     num_classes = pipeline.denoiser.config.num_classes
     print(
         f"sampling {args.num_samples_per_class} x {num_classes} classes with {type(pipeline.scheduler).__name__}, "
@@ -223,7 +238,8 @@ def main(argv: list | None = None) -> dict:
 
 def evaluate_prompt_adherence(pipeline, args, output_dir: Path, started: float) -> dict:
     """Digit and attribute accuracy of a text-to-image pipeline, on training and on held-out phrasings."""
-    from evaluation.prompt_adherence import prompt_adherence
+    from evaluation.metrics import real_data_floor
+    from evaluation.prompt_adherence import caption_fid, prompt_adherence
 
     results = {"pipeline": args.pipeline, "environment": environment_line()}
     settings = dict(
@@ -253,6 +269,39 @@ def evaluate_prompt_adherence(pipeline, args, output_dir: Path, started: float) 
         f"{args.guidance_scale}, seed {args.seed}, on {results['environment']}.",
         "",
     ]
+    if args.caption_fid_per_digit:
+        per_digit = args.caption_fid_per_digit
+        print(f"caption FID: one image per caption of the first {per_digit} test images of each digit")
+        results["caption_fid"] = caption_fid(
+            pipeline,
+            num_samples_per_class=per_digit,
+            num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        results["real_data_floor"] = real_data_floor(per_digit)
+        fid_rows = [
+            f"| {name} | {r['fid_mnist']:.2f} | {r['gan_test_acc']:.3f} | {r['inception_score']:.2f} | "
+            f"{_number(r['precision'], 3)} | {_number(r['recall'], 3)} | {r['num_samples']} |"
+            for name, r in (
+                ("samples from test-image captions", results["caption_fid"]),
+                ("real MNIST train images (floor)", results["real_data_floor"]),
+            )
+        ]
+        rows += fid_rows
+        lines += [
+            "## Sample quality from captions of real digits",
+            "",
+            "| images | FID-MNIST | GAN-test acc. | IS | precision | recall | samples |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *fid_rows,
+            "",
+            f"One image per training-phrasing caption of the first {per_digit} MNIST test images of each digit (e.g. "
+            f"{', '.join(repr(p) for p in results['caption_fid']['example_prompts'])}), scored against the 10,000 real "
+            "test images in the shipped classifier's feature space; the floor is real train images scored the same way.",
+            "",
+        ]
     paths = write_report(output_dir, results, "\n".join(lines))
     for row in rows:
         print(row)

@@ -534,3 +534,14 @@ def evaluate_pipeline(
         classifier_sha256=MNIST_CLASSIFIER_SHA256,
     )
     return (results, images, labels) if return_samples else results
+
+
+def real_data_floor(num_samples_per_class: int) -> dict:
+    """Metrics of real train images (the first `num_samples_per_class` of each digit) scored like samples: what a
+    perfect generator would reach at that sample count."""
+    images, labels = load_mnist_arrays("train")
+    labels = torch.from_numpy(labels)
+    keep = torch.cat([torch.nonzero(labels == digit).flatten()[:num_samples_per_class] for digit in range(10)])
+    return evaluate_images(
+        (uint8_to_classifier_input(images[keep.numpy()]) + 1) / 2, labels[keep], value_range=(0.0, 1.0)
+    )

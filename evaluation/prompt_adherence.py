@@ -7,6 +7,9 @@ with its sample count:
 - digit accuracy: the shipped MNIST classifier's accuracy on the requested digits (GAN-test accuracy);
 - attribute accuracy: the share of images whose measured bin (`measure_style`) is the requested one, per attribute.
 
+`caption_fid` gives a text model the sample metrics of the class-conditional ones (FID-MNIST, GAN-test accuracy, IS,
+precision / recall, KID), prompted as text-to-image models are scored on COCO: with captions of real images.
+
 The chance levels are 0.1 for the digit and about 1/3 for each attribute.
 """
 
@@ -15,9 +18,10 @@ import random
 import numpy as np
 import torch
 
-from image_data.captions import SLANT_BINS, THICKNESS_BINS, measure_style, prompt_for
+from image_data import load_mnist_arrays
+from image_data.captions import SLANT_BINS, THICKNESS_BINS, caption, measure_style, prompt_for
 
-from .metrics import classifier_outputs, default_classifier, to_classifier_input
+from .metrics import classifier_outputs, default_classifier, evaluate_images, to_classifier_input
 
 # The attributes prompts ask for (size is left to the model: MNIST's sizes are 87% one bin).
 ASKED_ATTRIBUTES = ("thickness", "slant")
@@ -98,4 +102,64 @@ def prompt_adherence(
     for attribute in ASKED_ATTRIBUTES:
         hits = [m.get(attribute) == w[attribute] for m, w in zip(measured, wanted)]
         results[f"{attribute}_accuracy"] = float(np.mean(hits))
+    return results
+
+
+def test_set_captions(num_samples_per_class: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+    """Training-phrasing captions of the first `num_samples_per_class` MNIST test images of each digit (images the
+    model never trained on, captioned from their label and measured style as training captions are), and the digits."""
+    images, labels = load_mnist_arrays("test")
+    prompts, digits = [], []
+    for digit in range(10):
+        for index in np.flatnonzero(labels == digit)[:num_samples_per_class].tolist():
+            rng = random.Random(f"{seed}-test-{index}")
+            prompts.append(caption(digit, measure_style(images[index]), rng))
+            digits.append(digit)
+    if len(prompts) != 10 * num_samples_per_class:
+        raise ValueError(f"The MNIST test split has fewer than {num_samples_per_class} images of some digit.")
+    return prompts, torch.tensor(digits)
+
+
+@torch.no_grad()
+def caption_fid(
+    pipeline,
+    *,
+    num_samples_per_class: int = 100,
+    num_inference_steps: int = 28,
+    guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> dict:
+    """FID-MNIST, GAN-test accuracy, IS, precision / recall and KID of `pipeline` (a text-to-image pipeline), one
+    image per caption of `test_set_captions`, scored against the 10,000 real test images like class-conditional
+    samples (the floor: real train images at the same count, `evaluation.metrics.real_data_floor`)."""
+    if not hasattr(pipeline, "encode_prompt"):
+        raise ValueError(f"Caption FID needs a text-to-image pipeline, got {type(pipeline).__name__}.")
+    if (
+        isinstance(num_samples_per_class, bool)
+        or not isinstance(num_samples_per_class, int)
+        or num_samples_per_class < 2
+    ):
+        raise ValueError(
+            f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
+        )
+    prompts, digits = test_set_captions(num_samples_per_class, seed)
+    images = []
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        images.append(
+            pipeline(
+                prompt=prompts[start : start + batch_size],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed + index),
+                output_type="pt",
+            )
+            .images.float()
+            .cpu()
+        )
+    images = torch.cat(images)
+    if images.shape[1] != 1:
+        raise ValueError(f"Caption FID scores grey MNIST digits; this pipeline makes {images.shape[1]}-channel images.")
+    results = evaluate_images(images, digits, value_range=(0.0, 1.0), classifier=default_classifier())
+    results.update(num_samples_per_class=num_samples_per_class, example_prompts=prompts[::num_samples_per_class][:3])
     return results

@@ -383,6 +383,10 @@ def test_evaluate_refuses_bad_inputs(pipeline_dir, tmp_path):
         evaluate.main([str(tmp_path / "missing"), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="Unknown scheduler 'Nope'"):
         evaluate.main([str(pipeline_dir), "--scheduler", "Nope", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--caption_fid_per_digit must be 0 \(skip\) or >= 2, got 1"):
+        evaluate.main([str(pipeline_dir), "--caption_fid_per_digit", "1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--caption_fid_per_digit prompts with captions; ClassConditionalUNetPipeline"):
+        evaluate.main([str(pipeline_dir), "--caption_fid_per_digit", "2", "--output_dir", str(tmp_path)])
 
 
 # --------------------------------------------------------------------------------------------------

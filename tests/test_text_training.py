@@ -150,3 +150,46 @@ def test_a_trained_text_model_samples_from_prompts_on_the_command_line(encoder, 
     for phrasing in ("training_phrasings", "held_out_phrasings"):
         assert results[phrasing]["num_samples"] == 90 and 0 <= results[phrasing]["digit_accuracy"] <= 1
     assert "| held out phrasings |" in (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "caption_fid" not in results  # off unless asked for
+
+    # Sample metrics from captions of real test digits, beside the floor at the same count.
+    results = evaluate.main(
+        [str(tmp_path / "best"), "--num_samples_per_class", "1", "--num_inference_steps", "1"]
+        + ["--caption_fid_per_digit", "3", "--output_dir", str(tmp_path / "eval")]
+    )
+    fid, floor = results["caption_fid"], results["real_data_floor"]
+    assert fid["num_samples"] == floor["num_samples"] == 30 and fid["fid_mnist"] > floor["fid_mnist"] > 0
+    report = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "| samples from test-image captions |" in report and "| real MNIST train images (floor) |" in report
+
+
+def test_caption_fid_prompts_with_the_captions_of_the_first_test_images_of_each_digit():
+    from evaluation.prompt_adherence import test_set_captions
+    from image_data import load_mnist_arrays
+    from image_data.captions import (
+        ATTRIBUTE_WORDS,
+        NUMBER_WORDS,
+        SIZE_BINS,
+        SLANT_BINS,
+        THICKNESS_BINS,
+        measure_style,
+    )
+
+    prompts, digits = test_set_captions(2, seed=0)
+    assert digits.tolist() == [d for d in range(10) for _ in range(2)]
+    images, labels = load_mnist_arrays("test")
+    first_sevens = [i for i in range(len(labels)) if labels[i] == 7][:2]
+    for prompt, index in zip(prompts[14:16], first_sevens):
+        assert "7" in prompt or NUMBER_WORDS[7] in prompt
+        # The caption names some of the image's measured bins and none of the other bins.
+        bins = measure_style(images[index]).bins()
+        right = [word for name in bins.values() for word in ATTRIBUTE_WORDS[name]]
+        wrong = [
+            word
+            for attribute, names in (("thickness", THICKNESS_BINS), ("slant", SLANT_BINS), ("size", SIZE_BINS))
+            for name, _ in names
+            if name != bins[attribute]
+            for word in ATTRIBUTE_WORDS[name]
+        ]
+        assert any(word in prompt for word in right) and not any(word in prompt for word in wrong), prompt
+    assert test_set_captions(2, seed=0)[0] == prompts and test_set_captions(2, seed=1)[0] != prompts
