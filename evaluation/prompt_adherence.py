@@ -105,7 +105,7 @@ def prompt_adherence(
     return results
 
 
-def test_set_captions(num_samples_per_class: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
+def captions_of_test_images(num_samples_per_class: int, seed: int = 0) -> tuple[list[str], torch.Tensor]:
     """Training-phrasing captions of the first `num_samples_per_class` MNIST test images of each digit (images the
     model never trained on, captioned from their label and measured style as training captions are), and the digits."""
     images, labels = load_mnist_arrays("test")
@@ -131,7 +131,7 @@ def caption_fid(
     batch_size: int = 250,
 ) -> dict:
     """FID-MNIST, GAN-test accuracy, IS, precision / recall and KID of `pipeline` (a text-to-image pipeline), one
-    image per caption of `test_set_captions`, scored against the 10,000 real test images like class-conditional
+    image per caption of `captions_of_test_images`, scored against the 10,000 real test images like class-conditional
     samples (the floor: real train images at the same count, `evaluation.metrics.real_data_floor`)."""
     if not hasattr(pipeline, "encode_prompt"):
         raise ValueError(f"Caption FID needs a text-to-image pipeline, got {type(pipeline).__name__}.")
@@ -143,7 +143,7 @@ def caption_fid(
         raise ValueError(
             f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
         )
-    prompts, digits = test_set_captions(num_samples_per_class, seed)
+    prompts, digits = captions_of_test_images(num_samples_per_class, seed)
     images = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
         images.append(

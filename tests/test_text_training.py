@@ -164,7 +164,7 @@ def test_a_trained_text_model_samples_from_prompts_on_the_command_line(encoder, 
 
 
 def test_caption_fid_prompts_with_the_captions_of_the_first_test_images_of_each_digit():
-    from evaluation.prompt_adherence import test_set_captions
+    from evaluation.prompt_adherence import captions_of_test_images
     from image_data import load_mnist_arrays
     from image_data.captions import (
         ATTRIBUTE_WORDS,
@@ -175,7 +175,7 @@ def test_caption_fid_prompts_with_the_captions_of_the_first_test_images_of_each_
         measure_style,
     )
 
-    prompts, digits = test_set_captions(2, seed=0)
+    prompts, digits = captions_of_test_images(2, seed=0)
     assert digits.tolist() == [d for d in range(10) for _ in range(2)]
     images, labels = load_mnist_arrays("test")
     first_sevens = [i for i in range(len(labels)) if labels[i] == 7][:2]
@@ -192,4 +192,4 @@ def test_caption_fid_prompts_with_the_captions_of_the_first_test_images_of_each_
             for word in ATTRIBUTE_WORDS[name]
         ]
         assert any(word in prompt for word in right) and not any(word in prompt for word in wrong), prompt
-    assert test_set_captions(2, seed=0)[0] == prompts and test_set_captions(2, seed=1)[0] != prompts
+    assert captions_of_test_images(2, seed=0)[0] == prompts and captions_of_test_images(2, seed=1)[0] != prompts
