@@ -138,7 +138,7 @@ def drop_shared_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 
     Attention masks padding out, and no denoiser here gives context tokens a position of their own, so what the
     denoiser computes for the image is the same; its cost follows the batch's longest prompt instead of the fixed
-    `max_length` (captions take about a third of MiniLM's 32 positions).
+    `max_length` (MNIST captions take 5-19 of the 32 positions; the longest of 64 is typically 17).
     """
     used = mask.bool().any(dim=0).nonzero()
     keep = int(used.max()) + 1 if used.numel() else 1
