@@ -2,7 +2,7 @@
 
 Used by tests/test_demo.py, and runnable to take the README's screenshot of a real pipeline:
 
-    python tests/demo_browser.py --pipeline outputs/quickstart/best --digit seven --screenshot benchmarks/results/demo.png
+    python tests/demo_browser.py --pipeline outputs/quickstart/best --digit 7 --screenshot benchmarks/results/demo.png
 """
 
 import argparse
@@ -187,7 +187,7 @@ def click(driver, element_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Screenshot the demo page after one generation.")
     parser.add_argument("--pipeline", required=True)
-    parser.add_argument("--digit", default="seven")
+    parser.add_argument("--digit", default="7", help="a label of the pipeline's id2label (the shipped MNIST: 0..9)")
     parser.add_argument("--seed", default="0")
     parser.add_argument("--second_sampler", default=None)
     parser.add_argument("--screenshot", required=True)
