@@ -459,6 +459,18 @@ def generate_samples(
     return torch.cat(images), labels
 
 
+def check_fid_sample_count(num_samples_per_class) -> None:
+    """Refuse a per-class sample count FID-MNIST cannot use (it fits a covariance to the samples)."""
+    if (
+        isinstance(num_samples_per_class, bool)
+        or not isinstance(num_samples_per_class, int)
+        or num_samples_per_class < 2
+    ):
+        raise ValueError(
+            f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
+        )
+
+
 def evaluate_pipeline(
     pipeline,
     *,
@@ -496,14 +508,7 @@ def evaluate_pipeline(
         raise ValueError(
             f"The MNIST classifier scores {classifier.num_classes} classes; this pipeline has num_classes={num_classes}."
         )
-    if (
-        isinstance(num_samples_per_class, bool)
-        or not isinstance(num_samples_per_class, int)
-        or num_samples_per_class < 2
-    ):
-        raise ValueError(
-            f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
-        )
+    check_fid_sample_count(num_samples_per_class)
     started = time.perf_counter()
     images, labels = generate_samples(
         pipeline,

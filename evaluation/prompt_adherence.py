@@ -21,7 +21,13 @@ import torch
 from image_data import load_mnist_arrays
 from image_data.captions import SLANT_BINS, THICKNESS_BINS, caption, measure_style, prompt_for
 
-from .metrics import classifier_outputs, default_classifier, evaluate_images, to_classifier_input
+from .metrics import (
+    check_fid_sample_count,
+    classifier_outputs,
+    default_classifier,
+    evaluate_images,
+    to_classifier_input,
+)
 
 # The attributes prompts ask for (size is left to the model: MNIST's sizes are 87% one bin).
 ASKED_ATTRIBUTES = ("thickness", "slant")
@@ -53,6 +59,28 @@ def _measured_bins(images: torch.Tensor) -> list[dict]:
     return bins
 
 
+def _sample_prompts(
+    pipeline, prompts: list[str], *, images_per_prompt, num_inference_steps, guidance_scale, seed, batch_size
+) -> torch.Tensor:
+    """`[len(prompts) * images_per_prompt, C, H, W]` images in [0, 1], `batch_size` prompts per pipeline call, the
+    call's noise seeded by `seed` + its index."""
+    images = []
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        images.append(
+            pipeline(
+                prompt=prompts[start : start + batch_size],
+                num_images_per_prompt=images_per_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=torch.Generator("cpu").manual_seed(seed + index),
+                output_type="pt",
+            )
+            .images.float()
+            .cpu()
+        )
+    return torch.cat(images)
+
+
 @torch.no_grad()
 def prompt_adherence(
     pipeline,
@@ -68,22 +96,15 @@ def prompt_adherence(
     if not hasattr(pipeline, "encode_prompt"):
         raise ValueError(f"Prompt adherence needs a text-to-image pipeline, got {type(pipeline).__name__}.")
     cases = adherence_prompts(held_out, seed)
-    images = []
-    for index, start in enumerate(range(0, len(cases), batch_size)):
-        chunk = cases[start : start + batch_size]
-        images.append(
-            pipeline(
-                prompt=[prompt for prompt, _, _ in chunk],
-                num_images_per_prompt=images_per_prompt,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed + index),
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
-    images = torch.cat(images)
+    images = _sample_prompts(
+        pipeline,
+        [prompt for prompt, _, _ in cases],
+        images_per_prompt=images_per_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
     digits = torch.tensor([digit for _, digit, _ in cases]).repeat_interleave(images_per_prompt)
     wanted = [bins for _, _, bins in cases for _ in range(images_per_prompt)]
     if images.shape[1] != 1:
@@ -135,29 +156,17 @@ def caption_fid(
     samples (the floor: real train images at the same count, `evaluation.metrics.real_data_floor`)."""
     if not hasattr(pipeline, "encode_prompt"):
         raise ValueError(f"Caption FID needs a text-to-image pipeline, got {type(pipeline).__name__}.")
-    if (
-        isinstance(num_samples_per_class, bool)
-        or not isinstance(num_samples_per_class, int)
-        or num_samples_per_class < 2
-    ):
-        raise ValueError(
-            f"num_samples_per_class must be an integer >= 2 (FID-MNIST fits a covariance), got {num_samples_per_class!r}."
-        )
+    check_fid_sample_count(num_samples_per_class)
     prompts, digits = captions_of_test_images(num_samples_per_class, seed)
-    images = []
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        images.append(
-            pipeline(
-                prompt=prompts[start : start + batch_size],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed + index),
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
-        )
-    images = torch.cat(images)
+    images = _sample_prompts(
+        pipeline,
+        prompts,
+        images_per_prompt=1,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
     if images.shape[1] != 1:
         raise ValueError(f"Caption FID scores grey MNIST digits; this pipeline makes {images.shape[1]}-channel images.")
     results = evaluate_images(images, digits, value_range=(0.0, 1.0), classifier=default_classifier())
