@@ -10,6 +10,11 @@ sampler with the most steps whose timestep list (one denoiser call per entry: He
 1 on the last) is at most B long, and the table records the count actually used; classifier-free guidance batches
 both branches into one forward, so it does not change the count. Each cell: GAN-test accuracy and FID-MNIST of the same seeded samples, scored with the
 shipped classifier (`evaluation.evaluate_images`). Writes `quality_vs_steps_<name>.md`, `.json` and `.png`.
+
+A grid at 1,000 samples takes hours on a CPU: the JSON is rewritten (atomically) after every cell, and a run whose
+JSON already exists keeps its cells and samples only the missing ones, so an interrupted grid resumes and a grid can
+be grown by a sampler or a budget. The existing cells must come from the same pipeline, guidance, samples per class,
+seed and batch size (the seeds are per batch); otherwise the run stops and says which setting differs.
 """
 
 import argparse
@@ -20,6 +25,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from atomic_files import write_file_atomically, write_text_atomically
 from commands import run
 from commands.common import environment_line, load_pipeline, set_scheduler
 from evaluation.metrics import evaluate_images, generate_samples
@@ -35,6 +41,26 @@ def steps_for_budget(scheduler, budget: int) -> tuple[int, int] | None:
         if len(scheduler.timesteps) <= budget:
             return steps, len(scheduler.timesteps)
     return None
+
+
+def load_earlier_cells(path: Path, setting: dict) -> tuple[list[dict], float]:
+    """(rows, seconds spent) of an earlier run written to `path`, or ([], 0) when there is none; refuses one made
+    with a different setting, since its cells would not be comparable with the new ones."""
+    if not path.exists():
+        return [], 0.0
+    try:
+        earlier = json.loads(path.read_text())
+        earlier_setting, rows = earlier["setting"], earlier["rows"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} exists but is not a quality-vs-steps result ({error}); move it away.") from None
+    differing = [key for key in setting if earlier_setting.get(key) != setting[key]]
+    if differing:
+        described = ", ".join(f"{key} {earlier_setting.get(key)!r} there, {setting[key]!r} now" for key in differing)
+        raise ValueError(
+            f"{path} holds cells made with another setting ({described}); its cells are kept only when the "
+            "setting is the same. Pass another --name, or move the file away to start the grid afresh."
+        )
+    return rows, float(earlier_setting.get("wall_seconds", 0))
 
 
 def main(argv=None):
@@ -55,7 +81,26 @@ def main(argv=None):
     saved_scheduler = pipeline.scheduler
     samplers = [name.strip() for name in args.samplers.split(",") if name.strip()]
     budgets = [int(value) for value in args.steps.split(",")]
-    rows, started_all = [], time.perf_counter()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.output_dir / f"quality_vs_steps_{args.name}"
+    setting = dict(
+        pipeline=args.pipeline,
+        guidance_scale=args.guidance_scale,
+        num_samples_per_class=args.num_samples_per_class,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    rows, earlier_seconds = load_earlier_cells(Path(f"{stem}.json"), setting)
+    started_all = time.perf_counter()
+
+    def save():
+        setting.update(
+            num_samples=rows[0]["num_samples"] if rows else 0,
+            environment=environment_line(),
+            wall_seconds=round(earlier_seconds + time.perf_counter() - started_all),
+        )
+        write_text_atomically(f"{stem}.json", json.dumps(dict(setting=setting, rows=rows), indent=2) + "\n")
+
     for sampler in samplers:
         pipeline.scheduler = saved_scheduler  # each sampler is built from the saved config, not the last one's
         set_scheduler(pipeline, sampler)  # refuses a sampler of the wrong family, with the list of fitting ones
@@ -64,6 +109,9 @@ def main(argv=None):
             if fitted is None:
                 continue
             steps, evaluations = fitted
+            if any(r["sampler"] == sampler and r["budget"] == budget for r in rows):
+                print(f"{sampler} at <= {budget} evaluations: kept from {stem}.json", flush=True)
+                continue
             started = time.perf_counter()
             images, labels = generate_samples(
                 pipeline,
@@ -85,18 +133,9 @@ def main(argv=None):
                 seconds=round(time.perf_counter() - started, 1),
             )
             rows.append(row)
+            save()
             print(json.dumps(row), flush=True)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.output_dir / f"quality_vs_steps_{args.name}"
-    setting = dict(
-        pipeline=args.pipeline,
-        guidance_scale=args.guidance_scale,
-        num_samples=rows[0]["num_samples"] if rows else 0,
-        seed=args.seed,
-        environment=environment_line(),
-        wall_seconds=round(time.perf_counter() - started_all),
-    )
-    Path(f"{stem}.json").write_text(json.dumps(dict(setting=setting, rows=rows), indent=2) + "\n")
+    save()
 
     def cell(sampler, budget, key, fmt):
         row = next((r for r in rows if r["sampler"] == sampler and r["budget"] == budget), None)
@@ -113,7 +152,7 @@ def main(argv=None):
         "",
         f"Generated by `python benchmarks/quality_vs_steps.py {args.pipeline} --num_samples_per_class "
         f"{args.num_samples_per_class} --samplers {args.samplers} --steps {args.steps} --name {args.name}` on "
-        f"{setting['environment']}, {setting['wall_seconds'] / 60:.0f} min. {setting['num_samples']} samples per "
+        f"{setting['environment']}, {setting['wall_seconds'] / 60:.0f} min in all. {setting['num_samples']} samples per "
         f"cell (the same seeds in every cell), guidance {args.guidance_scale}; each sampler built from the saved "
         "scheduler config. FID-MNIST at this N is comparable only with other cells of this table.",
         "",
@@ -130,10 +169,12 @@ def main(argv=None):
         *(f"| {s} | " + " | ".join(cell(s, b, "fid_mnist", ".1f") for b in budgets) + " |" for s in samplers),
         "",
     ]
-    Path(f"{stem}.md").write_text("\n".join(lines))
+    write_text_atomically(f"{stem}.md", "\n".join(lines))
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for sampler in samplers:
-        mine = [r for r in rows if r["sampler"] == sampler]
+        mine = sorted(
+            (r for r in rows if r["sampler"] == sampler and r["budget"] in budgets), key=lambda r: r["budget"]
+        )
         x = [r["evaluations"] for r in mine]
         for axis, key in ((left, "gan_test_acc"), (right, "fid_mnist")):
             axis.plot(x, [float("nan") if r[key] is None else r[key] for r in mine], marker="o", label=sampler)
@@ -147,7 +188,7 @@ def main(argv=None):
     left.legend(fontsize=8)
     figure.suptitle(f"{args.name}: {setting['num_samples']} samples per point, guidance {args.guidance_scale}")
     figure.tight_layout()
-    figure.savefig(f"{stem}.png", dpi=110)
+    write_file_atomically(f"{stem}.png", lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     print("\n".join(lines))
 
 

@@ -246,6 +246,27 @@ def test_quality_vs_steps_fits_each_sampler_to_the_budget_and_refuses_the_other_
     assert refused.returncode == 2 and "is a flow-matching sampler" in refused.stderr
     assert "Traceback" not in refused.stderr
 
+    # A grid resumes: existing cells are kept (a marked value survives), only the new budget is sampled.
+    results = tmp_path / "quality_vs_steps_tiny.json"
+    earlier = json.loads(results.read_text())
+    earlier["rows"][0]["gan_test_acc"] = 0.123
+    results.write_text(json.dumps(earlier))
+    grown = quality_vs_steps("--samplers", "ScratchDDIMScheduler", "--steps", "1,2,4")
+    assert grown.returncode == 0, grown.stderr
+    assert grown.stdout.count("kept from") == 2
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["sampler"], r["budget"]) for r in rows][-1] == ("ScratchDDIMScheduler", 2) and len(rows) == 5
+    ddim = next(
+        line
+        for line in (tmp_path / "quality_vs_steps_tiny.md").read_text().splitlines()
+        if line.startswith("| ScratchDDIM")
+    )
+    assert ddim.startswith("| ScratchDDIMScheduler | 0.123 | ") and ddim.count("|") == 5
+    # Cells made with another setting are not mixed in.
+    mixed = quality_vs_steps("--samplers", "ScratchDDIMScheduler", "--steps", "1", "--seed", "7")
+    assert mixed.returncode == 2 and "seed 0 there, 7 now" in mixed.stderr and "Traceback" not in mixed.stderr
+    assert json.loads(results.read_text())["rows"] == rows
+
 
 def test_ddim_diagnosis_denoises_real_images_from_each_start(pipeline_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
