@@ -2,12 +2,15 @@
 
     python benchmarks/bench_compile.py --threads 2          # batch 64, 7 rounds (~8 min on 2 cores, mostly compiling)
     python benchmarks/bench_compile.py --quick              # batch 8, 2 rounds, DiT only: checks that it runs
+    python benchmarks/bench_compile.py --device cuda --precision bf16 --batch_size 256   # on a GPU
 
 For each of our models (the sizes of `bench_models.py`), an eager copy and a `torch.compile`d copy with the same
 weights take turns in one process: a training step (forward, MSE, backward, AdamW) and a sampling step (one
 denoiser forward on a CFG-doubled batch under `torch.inference_mode`). The table gives the median times, the
 speed-up (eager / compiled) and the one-off compile warm-up, which is excluded from the medians. The project's rule
-(issue 17): recipes turn `train.compile` on by default only if it gives at least 10% here.
+(issue 17): recipes turn `train.compile` on by default only if it gives at least 10% here. `--precision bf16 / fp16`
+runs both copies under autocast (training as in `bench_models.py`, sampling forward too); on CUDA every timing
+synchronizes the device first.
 """
 
 import argparse
@@ -25,6 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_models import (  # noqa: E402
     GROUP_BUILDERS,
+    PRECISIONS,
     Contender,
     make_batch,
     timed_train_step,
@@ -35,21 +39,29 @@ from bench_models import (  # noqa: E402
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compile.md"
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_forward(contender: Contender, batch) -> float:
+    synchronize(contender.device)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), contender.autocast():
         contender.predict(contender.model, batch)
+    synchronize(contender.device)
     return time.perf_counter() - start
 
 
-def measure(name: str, batch_size: int, rounds: int) -> dict:
-    device = torch.device("cpu")
+def measure(name: str, batch_size: int, rounds: int, device: torch.device, precision: str) -> dict:
     eager = GROUP_BUILDERS[name](device).candidates[0]
-    compiled = Contender(eager.name + " (compiled)", copy.deepcopy(eager.model), eager.predict, device)
+    eager.set_precision(precision)
+    compiled = Contender(eager.name + " (compiled)", copy.deepcopy(eager.model), eager.predict, device, precision)
     compiled.model = torch.compile(compiled.model)
     train_batch, sample_batch = make_batch(batch_size, device), make_batch(2 * batch_size, device)
     warmup = {}
     for contender in (eager, compiled):
+        synchronize(device)
         start = time.perf_counter()
         train_step(contender, train_batch)
         timed_forward(contender, sample_batch)
@@ -101,6 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="training images per step (default 64)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 7)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="auto: CUDA if present")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="fp32, or bf16 / fp16 autocast")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"markdown file (default {DEFAULT_OUT.relative_to(REPO)})"
     )
@@ -109,13 +123,24 @@ def main(argv=None) -> None:
     rounds = args.rounds or (2 if args.quick else 7)
     if batch_size < 1 or rounds < 1:
         parser.error("--batch_size and --rounds must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    if args.precision == "fp16" and device.type != "cuda":
+        parser.error("--precision fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = [measure(name, batch_size, rounds) for name in (("dit",) if args.quick else ("unet", "dit", "mmdit"))]
+    names = ("dit",) if args.quick else ("unet", "dit", "mmdit")
+    rows = [measure(name, batch_size, rounds, device, args.precision) for name in names]
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
     settings = (
-        f"CPU, {torch.get_num_threads()} threads; fp32; training batch {batch_size}, sampling batch {2 * batch_size} "
+        f"{device_name}; {args.precision}; training batch {batch_size}, sampling batch {2 * batch_size} "
         f"(CFG-doubled) of 1x32x32; median of {rounds} alternating rounds; torch {torch.__version__} "
         f"(inductor), diffusers {diffusers.__version__}; wall time {time.perf_counter() - start:.0f} s."
     )

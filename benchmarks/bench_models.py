@@ -13,14 +13,15 @@ Each group compares models of about the same parameter count and the same token 
 - gqa:   our DiT at width 192 with 8 query heads and 8 (plain multi-head), 2 or 1 key/value heads.
 
 A training step is forward on a batch of 1x32x32 images, MSE loss, backward, AdamW step and
-`zero_grad(set_to_none=True)`, in fp32 (bf16 matmul is ~400x slower than fp32 on our CPU). After warm-up
+`zero_grad(set_to_none=True)`, in fp32 by default (`--precision bf16 / fp16`: autocast, fp16 with a loss scaler;
+meant for GPUs, bf16 matmul is ~400x slower than fp32 on our CPU). After warm-up
 steps, the models of every group take turns in one process, one block of steps each per round, so a
 change in the machine's load hits all of them alike. The table reports the median step time, images/s,
 and the speed ratio to the group's reference (> 1: faster than the reference).
 
 FLOP utilisation: `torch.utils.flop_counter` counts each model's forward + backward FLOPs of one step (matmuls,
 convolutions, attention; the elementwise rest and AdamW are not counted); divided by the median step time that is
-the model's achieved GFLOP/s, shown as a share of this machine's fp32 matmul peak, measured in the same run
+the model's achieved GFLOP/s, shown as a share of this machine's matmul peak in the same precision, measured in the same run
 (a 2048x2048 matmul, best of its timings before, between and after the rounds).
 
 Peak memory is what one training step needs from PyTorch's allocator: the model's persistent tensors
@@ -69,6 +70,8 @@ GQA_QUERY_HEADS = 8
 GQA_KV_HEADS = (8, 2, 1)
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "models.md"
 QUICK_OUT = REPO / "benchmarks" / "results" / "models_quick.md"
+# Training precisions: fp32, or autocast to a 16-bit type (fp16 with a loss scaler, as a real fp16 run needs).
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,13 +114,24 @@ class Contender:
     model: nn.Module
     predict: Callable[[nn.Module, Batch], torch.Tensor]
     device: torch.device
+    precision: str = "fp32"  # a key of PRECISIONS
     step_seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0
     flops: int = 0  # forward + backward of one training step, as torch's FLOP counter counts them
+    largest_batch: int | None = None  # with --largest_batch: the largest batch tried whose step fitted
 
     def __post_init__(self):
         self.model.to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.set_precision(self.precision)
+
+    def set_precision(self, precision: str) -> None:
+        """Weights and optimizer stay fp32 (mixed precision); forward and loss run under autocast."""
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32")
 
     @property
     def num_parameters(self) -> int:
@@ -293,9 +307,16 @@ GROUP_BUILDERS: dict[str, Callable[[torch.device], Group]] = {
 # --------------------------------------------------------------------------------------------------
 def train_step(contender: Contender, batch: Batch) -> None:
     """Forward, MSE loss, backward, AdamW step, gradients freed."""
-    output = contender.predict(contender.model, batch)
-    F.mse_loss(output, batch.target).backward()
-    contender.optimizer.step()
+    with contender.autocast():
+        output = contender.predict(contender.model, batch)
+        loss = F.mse_loss(output.float(), batch.target)
+    if contender.scaler is None:
+        loss.backward()
+        contender.optimizer.step()
+    else:
+        contender.scaler.scale(loss).backward()
+        contender.scaler.step(contender.optimizer)
+        contender.scaler.update()
     contender.optimizer.zero_grad(set_to_none=True)
 
 
@@ -337,17 +358,17 @@ def train_step_flops(contender: Contender, batch: Batch) -> int:
     """FLOPs of one step's forward and backward (the optimizer's elementwise work is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, contender.autocast():
         output = contender.predict(contender.model, batch)
-        F.mse_loss(output, batch.target).backward()
+        F.mse_loss(output.float(), batch.target).backward()
     contender.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """This machine's fp32 matmul rate: the best of `repeats` timed `size`x`size` products, in GFLOP/s."""
+def matmul_gflops(device: torch.device, precision: str = "fp32", size: int = 2048, repeats: int = 5) -> float:
+    """This machine's matmul rate in `precision`: the best of `repeats` timed `size`x`size` products, in GFLOP/s."""
     generator = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    a, b = (torch.randn(size, size, generator=generator).to(device, PRECISIONS[precision]) for _ in range(2))
     torch.mm(a, b)  # warm-up
     best = math.inf
     for _ in range(repeats):
@@ -363,10 +384,10 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
 
 def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int, steps_per_round: int) -> float:
     """Warm up, count FLOPs, measure memory, then time all models in alternating rounds; returns the matmul peak
-    (GFLOP/s) measured before, halfway through and after the rounds."""
+    (GFLOP/s, in the models' precision) measured before, halfway through and after the rounds."""
     contenders = [c for group in groups for c in group.contenders]
-    device = contenders[0].device
-    peaks = [matmul_gflops(device)]
+    device, precision = contenders[0].device, contenders[0].precision
+    peaks = [matmul_gflops(device, precision)]
     for contender in contenders:
         for _ in range(warmup_steps):
             train_step(contender, batch)
@@ -376,7 +397,7 @@ def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int
     start = time.perf_counter()
     for round_index in range(rounds):
         if round_index == rounds // 2:
-            peaks.append(matmul_gflops(device))
+            peaks.append(matmul_gflops(device, precision))
         for group in groups:
             # Reverse the order every other round: neither model always runs right after the other.
             order = group.contenders if round_index % 2 == 0 else group.contenders[::-1]
@@ -385,8 +406,26 @@ def run_groups(groups: list[Group], batch: Batch, warmup_steps: int, rounds: int
         print(
             f"round {round_index + 1}/{rounds} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True
         )
-    peaks.append(matmul_gflops(device))
+    peaks.append(matmul_gflops(device, precision))
     return max(peaks)
+
+
+def find_largest_batch(contender: Contender, start: int, limit: int) -> int | None:
+    """The largest of start, 2 * start, 4 * start, ... <= `limit` whose training step fits in GPU memory (None: not
+    even `start`). Each size is tried once, after the timed rounds (the steps change the weights)."""
+    largest, size = None, start
+    while size <= limit:
+        try:
+            train_step(contender, make_batch(size, contender.device))
+            torch.cuda.synchronize(contender.device)
+            largest = size
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            contender.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        size *= 2
+    return largest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,10 +443,11 @@ def interquartile_range(values: list[float]) -> float:
 
 
 def results_table(groups: list[Group], batch_size: int, matmul_peak_gflops: float) -> str:
+    with_largest = any(c.largest_batch is not None for group in groups for c in group.contenders)
     header = (
         "| group | model | params (M) | ms/step (median) | IQR (ms) | img/s | speed vs ref | GFLOP/step | GFLOP/s "
-        "| % of matmul peak | peak MiB | memory ref/this |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| % of matmul peak | peak MiB | memory ref/this |" + (" largest batch |" if with_largest else "") + "\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_largest else "") + "\n"
     )
     rows = []
     for group_index, group in enumerate(groups, start=1):
@@ -423,12 +463,14 @@ def results_table(groups: list[Group], batch_size: int, matmul_peak_gflops: floa
                 f"{interquartile_range(contender.step_seconds) * 1e3:.0f} | {batch_size / step:.1f} | {speed} | "
                 f"{contender.flops / 1e9:.1f} | {achieved:.0f} | {100 * achieved / matmul_peak_gflops:.0f}% | "
                 f"{contender.peak_bytes / 2**20:.0f} | {memory} |"
+                + (f" {contender.largest_batch or 'none'} |" if with_largest else "")
             )
     legend = "\n".join(f"{i}. {group.title}" for i, group in enumerate(groups, start=1))
     return header + "\n".join(rows) + "\n\nGroups:\n\n" + legend + "\n"
 
 
-def report(groups: list[Group], settings: str, batch_size: int, matmul_peak_gflops: float) -> str:
+def report(groups: list[Group], settings: str, batch_size: int, matmul_peak_gflops: float, precision: str) -> str:
+    largest = any(c.largest_batch is not None for group in groups for c in group.contenders)
     return (
         "# Model training-step benchmark\n\n"
         f"{settings}\n\n"
@@ -436,12 +478,19 @@ def report(groups: list[Group], settings: str, batch_size: int, matmul_peak_gflo
         + "\n`speed vs ref` = img/s of the row / img/s of the group's reference (> 1: faster). "
         "`GFLOP/step`: forward + backward FLOPs counted by `torch.utils.flop_counter` (matmuls, convolutions, "
         f"attention); `GFLOP/s` = that / median step time; `% of matmul peak` = that / {matmul_peak_gflops:.0f} "
-        "GFLOP/s, this machine's fp32 2048x2048 matmul measured in the same run (the elementwise work, GroupNorm, "
+        f"GFLOP/s, this machine's {precision} 2048x2048 matmul measured in the same run (the elementwise work, GroupNorm, "
         "activations and AdamW take time but count no FLOPs, so 100% is out of reach). "
         "`memory ref/this` = reference peak / row peak (> 1: less memory). Peak = parameters, buffers and AdamW "
         "state plus the highest transient allocation of one step (activations, gradients, temporaries) as "
         "requested from PyTorch's allocator; it excludes the shared input batch, allocator overhead and "
-        "oneDNN/OpenMP scratch buffers, so process RSS is larger.\n"
+        "oneDNN/OpenMP scratch buffers, so process RSS is larger."
+        + (
+            " `largest batch`: the largest of batch x 1, 2, 4, ... (up to --max_batch) whose training step fitted in "
+            "GPU memory, each tried once after the timed rounds."
+            if largest
+            else ""
+        )
+        + "\n"
     )
 
 
@@ -485,6 +534,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="untimed steps per model before measuring (>= 1: AdamW state must exist when memory is measured)",
     )
     parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA if present")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="fp32, or autocast to bf16 / fp16 (fp16 with a loss scaler); weights and AdamW stay fp32",
+    )
+    parser.add_argument(
+        "--largest_batch",
+        action="store_true",
+        help="CUDA only: after timing, double the batch until a step no longer fits in GPU memory",
+    )
+    parser.add_argument("--max_batch", type=positive_int, default=65536, help="largest batch --largest_batch tries")
     parser.add_argument(
         "--models", type=model_list, default=list(GROUP_BUILDERS), help=f"comma list from {list(GROUP_BUILDERS)}"
     )
@@ -497,6 +559,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (16 if args.quick else 128)
     args.rounds = args.rounds or (2 if args.quick else 15)
     args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    args.device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    if args.precision == "fp16" and args.device.type != "cuda":
+        parser.error(
+            "--precision fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels (minutes a step)"
+        )
+    if args.largest_batch and args.device.type != "cuda":
+        parser.error(
+            "--largest_batch needs a CUDA device: on CPU a batch too large for RAM swaps or is killed instead of "
+            "raising an out-of-memory error"
+        )
     return args
 
 
@@ -504,28 +580,37 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device
     torch.manual_seed(0)
     wall_start = time.perf_counter()
 
     groups = [GROUP_BUILDERS[name](device) for name in args.models]
     for group in groups:
         for contender in group.contenders:
+            contender.set_precision(args.precision)
             ratio = contender.num_parameters / group.reference.num_parameters
             print(f"{contender.name}: {contender.num_parameters / 1e6:.3f}M parameters ({ratio:.2f}x the reference)")
     batch = make_batch(args.batch_size, device)
 
     matmul_peak = run_groups(groups, batch, args.warmup_steps, args.rounds, args.steps_per_round)
+    if args.largest_batch:
+        del batch
+        for contender in (c for group in groups for c in group.contenders):
+            contender.largest_batch = find_largest_batch(contender, args.batch_size, args.max_batch)
+            print(f"{contender.name}: largest batch {contender.largest_batch}", file=sys.stderr, flush=True)
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
+    precision = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + loss scaling"}[args.precision]
+    if device.type == "cuda" and args.precision == "fp32":
+        precision += f" (TF32 matmul {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
     settings = (
-        f"{device_name}; fp32; batch {args.batch_size} of {IN_CHANNELS}x{SAMPLE_SIZE}x{SAMPLE_SIZE}; step = forward, MSE, "
+        f"{device_name}; {precision}; batch {args.batch_size} of {IN_CHANNELS}x{SAMPLE_SIZE}x{SAMPLE_SIZE}; step = forward, MSE, "
         f"backward, AdamW, zero_grad; {args.warmup_steps} warm-up step(s), then {args.rounds} alternating rounds x "
         f"{args.steps_per_round} step(s) per model; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-        f"fp32 matmul peak {matmul_peak:.0f} GFLOP/s; wall time {time.perf_counter() - wall_start:.0f} s."
+        f"{args.precision} matmul peak {matmul_peak:.0f} GFLOP/s; wall time {time.perf_counter() - wall_start:.0f} s."
     )
-    text = report(groups, settings, args.batch_size, matmul_peak)
+    text = report(groups, settings, args.batch_size, matmul_peak, args.precision)
     write_atomically(args.out, text)
     print(text)
     print(f"written to {args.out}")

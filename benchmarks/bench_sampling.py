@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sampling.py                 # 100 images, 50 steps, CFG, 3 rounds (~5 min on 2 cores)
     python benchmarks/bench_sampling.py --quick         # 8 images, 4 steps, 1 round: checks that it runs
+    python benchmarks/bench_sampling.py --device cuda --dtype bf16   # on a GPU, weights and sampling in bf16
 
 The models are those of `bench_models.py` (same sizes, same token counts, random weights: speed does not depend
 on what was learned). Ours sample through our pipeline (`ClassConditionalUNetPipeline` /
@@ -10,6 +11,8 @@ pipeline for `UNet2DModel` or pixel-space DiT, so its models are driven by the l
 one doubled batch, `scale_model_input`, `DDIMScheduler.step`) minus the VAE decode. Both sides do the same work:
 one denoiser call on 2N images per step. The table gives images/s, the ratio to the reference, and our pipeline's
 overhead: the share of its wall time spent outside the denoiser's forward (input checks, guidance, scheduler, decode).
+`--dtype bf16 / fp16` casts both sides' weights (as `from_pretrained(torch_dtype=...)` does); on CUDA every timing
+synchronizes the device first.
 """
 
 import argparse
@@ -42,15 +45,22 @@ from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetP
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sampling.md"
 GUIDANCE = 2.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def our_pipeline(model):
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def our_pipeline(model, device: torch.device, dtype: torch.dtype):
     if isinstance(model, ScratchUNetModel):
         pipe = ClassConditionalUNetPipeline(unet=model.eval(), scheduler=ScratchDDIMScheduler())
     else:
         pipe = ClassConditionalTransformerPipeline(transformer=model.eval(), scheduler=ScratchDDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device, dtype)
 
 
 def reference_sampling(model, predict, labels: torch.Tensor, steps: int, generator) -> torch.Tensor:
@@ -59,7 +69,7 @@ def reference_sampling(model, predict, labels: torch.Tensor, steps: int, generat
     config = model.config
     latents = torch.randn(
         (len(labels), config.in_channels, config.sample_size, config.sample_size), generator=generator
-    )
+    ).to(model.device, model.dtype)
     null = torch.zeros_like(labels) if predict.__name__ == "predict_sd3" else torch.full_like(labels, NUM_CLASSES - 1)
     class_input = torch.cat([labels, null])
     scheduler.set_timesteps(steps)
@@ -78,28 +88,33 @@ def predict_class_conditional(model, sample, timestep, class_labels):
 
 def predict_sd3(model, sample, timestep, class_labels):
     batch = sample.shape[0]
-    context = torch.zeros(batch, NUM_CONTEXT_TOKENS, WIDTH)
-    pooled = torch.zeros(batch, WIDTH)
+    context = sample.new_zeros(batch, NUM_CONTEXT_TOKENS, WIDTH)
+    pooled = sample.new_zeros(batch, WIDTH)
     return model(sample, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep).sample
 
 
-def forward_seconds(model):
+def forward_seconds(model, device: torch.device):
     """A list that collects the wall time of every forward call of `model` (hooks), and the hook handles."""
     spent, starts = [], []
-    handles = [
-        model.register_forward_pre_hook(lambda module, args: starts.append(time.perf_counter())),
-        model.register_forward_hook(lambda module, args, output: spent.append(time.perf_counter() - starts.pop())),
-    ]
-    return spent, handles
+
+    def before(module, args):
+        synchronize(device)
+        starts.append(time.perf_counter())
+
+    def after(module, args, output):
+        synchronize(device)
+        spent.append(time.perf_counter() - starts.pop())
+
+    return spent, [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
 
 
-def measure(groups, num_images: int, steps: int, rounds: int) -> list[dict]:
-    labels = torch.arange(num_images) % NUM_CLASSES
+def measure(groups, num_images: int, steps: int, rounds: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    labels = (torch.arange(num_images) % NUM_CLASSES).to(device)
     rows = []
     for group in groups:
         ours, theirs = group.candidates[0], group.reference
-        pipe = our_pipeline(ours.model)
-        theirs.model.eval()
+        pipe = our_pipeline(ours.model, device, dtype)
+        theirs.model.to(device, dtype).eval()
         predict = predict_sd3 if "SD3" in theirs.name else predict_class_conditional
         timings = {"ours": [], "theirs": [], "overhead": []}
         with torch.inference_mode():
@@ -109,9 +124,10 @@ def measure(groups, num_images: int, steps: int, rounds: int) -> list[dict]:
             for round_index in range(rounds):
                 order = ("ours", "theirs") if round_index % 2 == 0 else ("theirs", "ours")
                 for side in order:
+                    synchronize(device)
                     start = time.perf_counter()
                     if side == "ours":
-                        spent, handles = forward_seconds(pipe.denoiser)
+                        spent, handles = forward_seconds(pipe.denoiser, device)
                         pipe(
                             class_labels=labels.tolist(),
                             num_inference_steps=steps,
@@ -121,10 +137,12 @@ def measure(groups, num_images: int, steps: int, rounds: int) -> list[dict]:
                         )
                         for handle in handles:
                             handle.remove()
+                        synchronize(device)
                         total = time.perf_counter() - start
                         timings["overhead"].append((total - sum(spent)) / total)
                     else:
                         reference_sampling(theirs.model, predict, labels, steps, torch.Generator().manual_seed(0))
+                        synchronize(device)
                         total = time.perf_counter() - start
                     timings[side].append(total)
                     print(f"{group.title[:40]} {side}: {total:.1f} s", file=sys.stderr, flush=True)
@@ -169,6 +187,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="auto: CUDA if present")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and sampling dtype")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"markdown file (default {DEFAULT_OUT.relative_to(REPO)})"
     )
@@ -179,14 +199,24 @@ def main(argv=None) -> None:
     for name, value in (("--num_images", num_images), ("--steps", steps), ("--rounds", rounds)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    if args.dtype == "fp16" and device.type != "cuda":
+        parser.error("--dtype fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = torch.device("cpu")
     start = time.perf_counter()
-    rows = measure([unet_group(device), dit_group(device), mmdit_group(device)], num_images, steps, rounds)
+    groups = [unet_group(device), dit_group(device), mmdit_group(device)]
+    rows = measure(groups, num_images, steps, rounds, device, DTYPES[args.dtype])
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
     settings = (
-        f"CPU, {torch.get_num_threads()} threads; fp32, inference mode; {num_images} images, {steps} DDIM steps, CFG "
+        f"{device_name}; {args.dtype}, inference mode; {num_images} images, {steps} DDIM steps, CFG "
         f"{GUIDANCE} (one doubled batch of {2 * num_images} per step); median of {rounds} alternating round(s); "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}; wall time {time.perf_counter() - start:.0f} s."
     )
