@@ -14,7 +14,8 @@ Each group compares models of about the same parameter count and the same token 
 
 A training step is forward on a batch of 1x32x32 images, MSE loss, backward, AdamW step and
 `zero_grad(set_to_none=True)`, in fp32 by default (`--precision bf16 / fp16`: autocast, fp16 with a loss scaler;
-meant for GPUs, bf16 matmul is ~400x slower than fp32 on our CPU). After warm-up
+fp16 on CUDA only. bf16 on a CPU is fast only where it has bf16 instructions: on this project's AVX512-BF16 machine
+a 2048x2048 bf16 matmul ran 2.1-2.3x the fp32 rate, on CPUs without them it is many times slower). After warm-up
 steps, the models of every group take turns in one process, one block of steps each per round, so a
 change in the machine's load hits all of them alike. The table reports the median step time, images/s,
 and the speed ratio to the group's reference (> 1: faster than the reference).
