@@ -75,7 +75,7 @@ def reference_sampling(model, predict, labels: torch.Tensor, steps: int, generat
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        output = predict(model, model_input, t.expand(model_input.shape[0]), class_input)
+        output = predict(model, model_input, t.to(model.device).expand(model_input.shape[0]), class_input)
         conditional, unconditional = output[:, : config.in_channels].chunk(2)
         guided = unconditional + GUIDANCE * (conditional - unconditional)
         latents = scheduler.step(guided, t, latents).prev_sample
