@@ -239,6 +239,7 @@ def test_quality_vs_steps_fits_each_sampler_to_the_budget_and_refuses_the_other_
     ]
     assert all(r["num_samples"] == 20 and 0.0 <= r["gan_test_acc"] <= 1.0 for r in rows)
     table = (tmp_path / "quality_vs_steps_tiny.md").read_text()
+    assert "--steps 1,4 --guidance_scale 2 --seed 0 --name tiny`" in table  # the command that remakes the table
     heun = next(line for line in table.splitlines() if line.startswith("| HeunDiscreteScheduler"))
     assert heun.endswith(" (3) |") and heun.count("(") == 1
     assert (tmp_path / "quality_vs_steps_tiny.png").stat().st_size > 1000
