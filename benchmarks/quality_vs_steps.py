@@ -75,10 +75,6 @@ def main(argv=None):
     parser.add_argument("--output_dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", required=True, help="suffix of the output files, e.g. quickstart")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    pipeline = load_pipeline(args.pipeline, "cpu")
-    pipeline.set_progress_bar_config(disable=True)
-    saved_scheduler = pipeline.scheduler
     samplers = [name.strip() for name in args.samplers.split(",") if name.strip()]
     budgets = [int(value) for value in args.steps.split(",")]
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +86,12 @@ def main(argv=None):
         seed=args.seed,
         batch_size=args.batch_size,
     )
+    # Before loading the pipeline: a grid that cannot be resumed is refused at once.
     rows, earlier_seconds = load_earlier_cells(Path(f"{stem}.json"), setting)
+    torch.set_grad_enabled(False)
+    pipeline = load_pipeline(args.pipeline, "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    saved_scheduler = pipeline.scheduler
     started_all = time.perf_counter()
 
     def save():
