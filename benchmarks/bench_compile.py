@@ -31,6 +31,7 @@ from bench_models import (  # noqa: E402
     PRECISIONS,
     Contender,
     make_batch,
+    resolve_device,
     timed_train_step,
     train_step,
     write_atomically,
@@ -123,13 +124,7 @@ def main(argv=None) -> None:
     rounds = args.rounds or (2 if args.quick else 7)
     if batch_size < 1 or rounds < 1:
         parser.error("--batch_size and --rounds must be >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    if args.precision == "fp16" and device.type != "cuda":
-        parser.error("--precision fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels")
+    device = resolve_device(parser, args.device, args.precision, "--precision")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -522,6 +522,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def resolve_device(parser: argparse.ArgumentParser, choice: str, precision: str, flag: str) -> torch.device:
+    """`--device auto|cpu|cuda` (auto: CUDA if present) as a device; refuses CUDA without a GPU and fp16 on CPU."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    if precision == "fp16" and device.type != "cuda":
+        parser.error(f"{flag} fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels (minutes a step)")
+    return device
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 16, 2 rounds: check that the script runs (< 1 min)")
@@ -560,15 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or (16 if args.quick else 128)
     args.rounds = args.rounds or (2 if args.quick else 15)
     args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    args.device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    if args.precision == "fp16" and args.device.type != "cuda":
-        parser.error(
-            "--precision fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels (minutes a step)"
-        )
+    args.device = resolve_device(parser, args.device, args.precision, "--precision")
     if args.largest_batch and args.device.type != "cuda":
         parser.error(
             "--largest_batch needs a CUDA device: on CPU a batch too large for RAM swaps or is killed instead of "

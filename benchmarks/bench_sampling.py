@@ -35,6 +35,7 @@ from bench_models import (  # noqa: E402
     WIDTH,
     dit_group,
     mmdit_group,
+    resolve_device,
     unet_group,
     write_atomically,
 )
@@ -199,13 +200,7 @@ def main(argv=None) -> None:
     for name, value in (("--num_images", num_images), ("--steps", steps), ("--rounds", rounds)):
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
-    if args.dtype == "fp16" and device.type != "cuda":
-        parser.error("--dtype fp16 needs a CUDA device: CPUs run fp16 matmuls without fast kernels")
+    device = resolve_device(parser, args.device, args.dtype, "--dtype")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
