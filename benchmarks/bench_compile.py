@@ -32,17 +32,14 @@ from bench_models import (  # noqa: E402
     Contender,
     make_batch,
     resolve_device,
+    synchronize,
     timed_train_step,
     train_step,
-    write_atomically,
 )
 
+from atomic_files import write_text_atomically  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compile.md"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_forward(contender: Contender, batch) -> float:
@@ -141,7 +138,7 @@ def main(argv=None) -> None:
     )
     text = report(rows, settings)
     out = args.out or (REPO / "benchmarks" / "results" / "compile_quick.md" if args.quick else DEFAULT_OUT)
-    write_atomically(out, text)
+    write_text_atomically(out, text)
     print(text)
     print(f"written to {out}")
 

@@ -55,6 +55,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from atomic_files import write_text_atomically  # noqa: E402
 from custom_models.dit_gqa import ScratchDiTModel  # noqa: E402
 from custom_models.mmdit import ScratchMMDiTModel  # noqa: E402
 from custom_models.unet import ScratchUNetModel  # noqa: E402
@@ -321,15 +322,18 @@ def train_step(contender: Contender, batch: Batch) -> None:
     contender.optimizer.zero_grad(set_to_none=True)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_train_step(contender: Contender, batch: Batch) -> float:
     """Seconds of one training step, GPU work included."""
-    device = contender.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(contender.device)
     start = time.perf_counter()
     train_step(contender, batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(contender.device)
     return time.perf_counter() - start
 
 
@@ -373,12 +377,10 @@ def matmul_gflops(device: torch.device, precision: str = "fp32", size: int = 204
     torch.mm(a, b)  # warm-up
     best = math.inf
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -418,7 +420,7 @@ def find_largest_batch(contender: Contender, start: int, limit: int) -> int | No
     while size <= limit:
         try:
             train_step(contender, make_batch(size, contender.device))
-            torch.cuda.synchronize(contender.device)
+            synchronize(contender.device)
             largest = size
         except torch.OutOfMemoryError:
             break
@@ -493,13 +495,6 @@ def report(groups: list[Group], settings: str, batch_size: int, matmul_peak_gflo
         )
         + "\n"
     )
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,7 +609,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.precision} matmul peak {matmul_peak:.0f} GFLOP/s; wall time {time.perf_counter() - wall_start:.0f} s."
     )
     text = report(groups, settings, args.batch_size, matmul_peak, args.precision)
-    write_atomically(args.out, text)
+    write_text_atomically(args.out, text)
     print(text)
     print(f"written to {args.out}")
 

@@ -32,27 +32,22 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_models import (  # noqa: E402
     NUM_CLASSES,
     NUM_CONTEXT_TOKENS,
+    PRECISIONS,
     WIDTH,
     dit_group,
     mmdit_group,
     resolve_device,
+    synchronize,
     unet_group,
-    write_atomically,
 )
 
+from atomic_files import write_text_atomically  # noqa: E402
 from custom_models.unet import ScratchUNetModel  # noqa: E402
 from custom_schedulers import ScratchDDIMScheduler  # noqa: E402
 from pipelines import ClassConditionalTransformerPipeline, ClassConditionalUNetPipeline  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sampling.md"
 GUIDANCE = 2.0
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that wall-clock timings include it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def our_pipeline(model, device: torch.device, dtype: torch.dtype):
@@ -189,7 +184,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="auto: CUDA if present")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and sampling dtype")
+    parser.add_argument("--dtype", choices=tuple(PRECISIONS), default="fp32", help="weights and sampling dtype")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"markdown file (default {DEFAULT_OUT.relative_to(REPO)})"
     )
@@ -206,7 +201,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     groups = [unet_group(device), dit_group(device), mmdit_group(device)]
-    rows = measure(groups, num_images, steps, rounds, device, DTYPES[args.dtype])
+    rows = measure(groups, num_images, steps, rounds, device, PRECISIONS[args.dtype])
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
@@ -217,7 +212,7 @@ def main(argv=None) -> None:
     )
     text = report(rows, settings)
     out = args.out or (REPO / "benchmarks" / "results" / "sampling_quick.md" if args.quick else DEFAULT_OUT)
-    write_atomically(out, text)
+    write_text_atomically(out, text)
     print(text)
     print(f"written to {out}")
 

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_models  # noqa: E402  (the groups, the batch and the step)
+import bench_models  # noqa: E402  (the groups, the batch and the step; it puts the repository on sys.path)
+
+from atomic_files import write_text_atomically  # noqa: E402
 
 REPO = bench_models.REPO
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "profile.md"
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "concatenations cost); elementwise rest = every other op (adds, multiplies, reductions, the adaLN "
         "modulation, ...).\n"
     )
-    bench_models.write_atomically(out, text)
+    write_text_atomically(out, text)
     print(text)
     print(f"written to {out}")
 
